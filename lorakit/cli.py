@@ -1,0 +1,119 @@
+"""The ``lorakit`` command line: train, eval, merge, list-methods."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lorakit.errors import LorakitError
+
+app = typer.Typer(help="Fine-tune language models with the LoRA family, from YAML recipes.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(err: LorakitError) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(err.exit_code)
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="YAML recipe."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. train.max_steps=20."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its latest checkpoint."),
+) -> None:
+    """Fine-tune the recipe's model with its adapter method; writes checkpoints and metrics.jsonl."""
+    try:
+        from lorakit.train.run import run_training
+
+        run_training(recipe, overrides or [], resume, console)
+    except LorakitError as err:
+        _fail(err)
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Path = typer.Argument(..., help="Run folder or checkpoint folder."),
+    data: Optional[str] = typer.Option(None, "--data", help="Another data source (same format) to evaluate on."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Evaluate at this rank (methods with a variable rank)."),
+    ranks: Optional[str] = typer.Option(None, "--ranks", help="Comma-separated ranks, or 'all'."),
+) -> None:
+    """Held-out metrics of a trained adapter (loss/perplexity, or accuracy/macro-F1)."""
+    try:
+        from lorakit.session import load_checkpoint_session
+        from lorakit.train.loop import Trainer
+
+        overrides = {"data": {"source": data}} if data else None
+        session, path = load_checkpoint_session(run, console, overrides)
+        trainer = Trainer(session.model, session.tokenizer, session.method, session.data,
+                          session.recipe, session.device, console)
+        options = {k: v for k, v in (("rank", rank), ("ranks", ranks)) if v is not None}
+        if options and "evaluate" not in session.method.hooks_used():
+            raise LorakitError(f"--rank/--ranks: method {session.method.name} has a fixed rank")
+        metrics = trainer.evaluate(**options)
+    except LorakitError as err:
+        _fail(err)
+    if as_json:
+        out.print_json(json.dumps({"checkpoint": str(path), **metrics}))
+        return
+    table = Table(title=f"eval of {path}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+@app.command()
+def merge(
+    run: Path = typer.Argument(..., help="Run folder or checkpoint folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged transformers model."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weights dtype: auto (the base's), float32, bfloat16, float16."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Merge at this rank (methods with a variable rank)."),
+) -> None:
+    """Merge the adapter into the base weights and save a standalone model folder (checked)."""
+    try:
+        from lorakit.merge import merge_run
+
+        diff = merge_run(run, output, dtype, console, rank=rank)
+    except LorakitError as err:
+        _fail(err)
+    out.print(f"merged model written to {output}; largest |logit difference| vs the adapter model: {diff:.3g}")
+
+
+@app.command("list-methods")
+def list_methods(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """The registered adapter methods."""
+    from lorakit.methods import REGISTRY
+
+    rows = [
+        {"name": cls.name, "paper": cls.paper, "trains": cls.trains,
+         "hooks": cls.hooks_used(), "mergeable": cls.mergeable}
+        for cls in REGISTRY.values()
+    ]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="lorakit methods")
+    for col in ("name", "paper", "trains", "hooks", "mergeable"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["name"], row["paper"], row["trains"], ", ".join(row["hooks"]) or "-",
+                      "yes" if row["mergeable"] else "no")
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

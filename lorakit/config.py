@@ -1,0 +1,204 @@
+"""Typed recipes: YAML (``yaml.safe_load``) validated into pydantic v2 models.
+
+A recipe has the sections ``model``, ``method``, ``data``, ``train`` and ``output_dir``. The fields of
+``method`` beyond the shared A/B ones are validated by the method's own config class, found in the
+registry by ``method.name``. Every validation problem becomes one :class:`RecipeError` line naming the
+field, the bad value and what is allowed (unknown keys get the nearest valid name).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorakit.errors import RecipeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = "smollm2-135m-instruct"
+    task: Literal["causal_lm", "seq_cls"] = "causal_lm"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    quantization: Literal["nf4", "fp4", "int8"] | None = None
+    gradient_checkpointing: bool = False
+    adapter: str | None = None
+
+
+class MethodConfig(Section):
+    """Fields every method accepts. Methods subclass this for their own fields."""
+
+    name: str = "lora"
+    r: int = Field(8, gt=0)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    use_rslora: bool = False
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    loraplus_lr_embedding: float = Field(1e-6, gt=0)
+
+    @property
+    def scaling(self) -> float:
+        """s = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora`` (Kalajdzievski 2023)."""
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+
+class DataConfig(Section):
+    source: str = "chatterbot"
+    format: Literal["auto", "text", "instruction", "chat", "classification"] = "auto"
+    split: str = "train"
+    text_field: str = "text"
+    label_field: str = "label"
+    messages_field: str = "messages"
+    max_seq_length: int = Field(512, gt=0)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    eval_max_examples: int | None = Field(None, gt=0)
+    max_examples: int | None = Field(None, gt=0)
+    packing: bool = False
+
+
+class TrainConfig(Section):
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    log_every: int = Field(1, gt=0)
+    num_samples: int = Field(3, ge=0)
+
+
+class Recipe(Section):
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    output_dir: str = "runs/default"
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_by_name(cls, value: Any) -> Any:
+        from lorakit.methods import get_method_class
+
+        if isinstance(value, MethodConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("expected a mapping with at least `name`")
+        method_cls = get_method_class(value.get("name", "lora"))
+        return method_cls.config_class.model_validate(value)
+
+    @model_validator(mode="after")
+    def _task_and_format(self) -> "Recipe":
+        if self.model.task == "seq_cls" and self.data.format not in ("auto", "classification"):
+            raise ValueError(f"data.format {self.data.format!r} needs model.task causal_lm")
+        return self
+
+
+def _nearest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+    return f" (did you mean `{close[0]}`?)" if close else f"; allowed: {', '.join(allowed)}"
+
+
+def _section_fields(data: dict, loc: tuple) -> list[str]:
+    """Field names valid at ``loc`` (the location of an unknown key), for the suggestion."""
+    model: type[BaseModel] = Recipe
+    node: Any = data
+    for part in loc[:-1]:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+        if part == "method":
+            from lorakit.methods import get_method_class
+
+            try:
+                model = get_method_class(node.get("name", "lora")).config_class
+            except RecipeError:
+                model = MethodConfig
+        else:
+            annotation = model.model_fields[str(part)].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
+    return list(model.model_fields)
+
+
+def _format_error(err: ValidationError, data: dict, origin: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not isinstance(p, int) or True)
+    field = ".".join(str(p) for p in loc) or "recipe"
+    if first["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        return f"{origin}: unknown field `{field}`{_nearest(key, _section_fields(data, loc))}"
+    msg = first["msg"].removeprefix("Value error, ")
+    ctx = first.get("ctx", {})
+    if "expected" in ctx:
+        msg = f"expected {ctx['expected']}"
+    return f"{origin}: {field} = {first.get('input')!r} is invalid: {msg}"
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override's right-hand side as YAML (``3``, ``1e-4``, ``true``, ``[q_proj, v_proj]``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``key=value`` overrides, e.g. ``train.max_steps=20``. Raises RecipeError."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r}: expected KEY=VALUE, for example train.max_steps=20")
+        key, _, raw = item.partition("=")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {item!r}: `{part}` is not a section")
+            node = child
+        node[parts[-1]] = parse_value(raw)
+    return data
+
+
+def recipe_from_dict(data: dict, origin: str = "recipe") -> Recipe:
+    """Validate a recipe mapping. Raises RecipeError with one line naming the field."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: expected a mapping with sections model, method, data, train")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_error(err, data, origin)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe with ``yaml.safe_load``, apply overrides, validate.
+
+    Raises:
+        RecipeError: the file is missing, is not YAML, or a field is invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping with sections model, method, data, train")
+    return recipe_from_dict(apply_overrides(data, overrides or []), origin=str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain data (what a run folder records as ``recipe.yaml``)."""
+    return recipe.model_dump(mode="json")

@@ -1,0 +1,94 @@
+"""Held-out metrics: token loss and perplexity (causal LM), accuracy and macro-F1 (classification)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; fp32 (no autocast) on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float:
+    """Unweighted mean over classes of F1 = 2·TP / (2·TP + FP + FN); a class absent from both counts 0."""
+    scores = []
+    for c in range(num_labels):
+        tp = ((preds == c) & (labels == c)).sum().item()
+        fp = ((preds == c) & (labels != c)).sum().item()
+        fn = ((preds != c) & (labels == c)).sum().item()
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / max(1, num_labels)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device: torch.device) -> dict:
+    """Metrics over all ``batches`` (collated dicts with ``labels``).
+
+    Causal LM: ``eval_loss`` = mean cross-entropy (nats) over label tokens (labels ≠ -100, shifted by
+    one), ``perplexity`` = exp(eval_loss), ``eval_tokens``. Classification: ``eval_loss``, ``accuracy``,
+    ``macro_f1``, ``eval_examples``.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    preds, golds = [], []
+    for batch in batches:
+        batch = to_device(batch, device)
+        labels = batch.pop("labels")
+        with autocast(device):
+            logits = model(**batch).logits.float()
+        if task == "seq_cls":
+            total += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            count += labels.numel()
+            preds.append(logits.argmax(-1).cpu())
+            golds.append(labels.cpu())
+        else:
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            total += nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                ignore_index=-100, reduction="sum",
+            ).item()
+            count += (shift_labels != -100).sum().item()
+    model.train(was_training)
+    loss = total / max(1, count)
+    if task == "seq_cls":
+        p, g = torch.cat(preds), torch.cat(golds)
+        num_labels = int(model.config.num_labels)
+        return {
+            "eval_loss": loss,
+            "accuracy": (p == g).float().mean().item(),
+            "macro_f1": macro_f1(p, g, num_labels),
+            "eval_examples": count,
+        }
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, prompts: list, device: torch.device, max_new_tokens: int = 48) -> list[str]:
+    """Greedy continuations of ``prompts`` (chat message lists go through the chat template)."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for prompt in prompts:
+        if isinstance(prompt, list):
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = ids.to(device)
+        with autocast(device):
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            )
+        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return outputs

@@ -1,0 +1,61 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685, §4.1) with rsLoRA scaling (Kalajdzievski 2023, arXiv 2312.03732).
+
+    h = W0 x + b + s · B (A dropout(x)),   s = lora_alpha / r   (rsLoRA: lora_alpha / √r)
+
+Shapes: x ``(..., in)``, ``lora_A.weight`` A ``(r, in)`` Kaiming-uniform (a=√5, i.e. U(±1/√in)),
+``lora_B.weight`` B ``(out, r)`` zeros, so the adapter is a no-op at init. W0 and b stay frozen.
+Merge: W ← W0 + s·BA, the product in fp32 and cast once. Trainable parameters per layer: r·(in + out).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.config import MethodConfig
+from lorakit.methods import register
+from lorakit.methods.base import AdapterLayer, Method, kaiming_uniform_
+
+
+def adapter_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cast the branch input to the adapter's dtype unless autocast already governs the matmul."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
+class LoraLayer(AdapterLayer):
+    """``base_layer`` plus s·B(A dropout(x)); the parent of every A/B method's layer."""
+
+    def __init__(self, base_layer: nn.Module, cfg: MethodConfig):
+        super().__init__(base_layer)
+        self.r = cfg.r
+        self.scaling = cfg.scaling
+        self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        kaiming_uniform_(self.lora_A.weight)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """s·B(A dropout(x)) of shape ``(..., out)``."""
+        x = adapter_input(self.lora_dropout(x), self.lora_A.weight)
+        return self.lora_B(self.lora_A(x)) * self.scaling
+
+    def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        return base_out + self.lora_output(x).to(base_out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+
+@register
+class Lora(Method):
+    name = "lora"
+    paper = "Hu et al. 2021, arXiv 2106.09685"
+    trains = "lora_A, lora_B"
+    layer_class = LoraLayer

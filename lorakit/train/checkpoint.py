@@ -1,0 +1,165 @@
+"""Checkpoints: a folder per step, written atomically, loaded without unpickling untrusted data.
+
+Layout of ``<output_dir>/checkpoints/step-000100/`` (and ``<output_dir>/final/``):
+  - ``adapter.safetensors``: every adapter tensor (parameters and persistent buffers of the adapter
+    layers, except the frozen ``base_layer``) and any other trainable tensor (a classification head);
+  - ``method.json``: the method's own state (``Method.state_dict``);
+  - ``recipe.yaml``: the resolved recipe;
+  - ``trainer_state.pt`` and ``trainer.json`` (training checkpoints only): optimizer, scheduler and RNG
+    state, loaded with ``torch.load(weights_only=True)``; the step reached.
+
+A folder is written under a temporary name and renamed into place, so a crash mid-write leaves the
+previous checkpoint usable; ``latest`` names the newest one and is replaced atomically too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.methods.base import AdapterLayer
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors by dotted name; a tensor shared by several layers is stored once."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def put(key: str, tensor: torch.Tensor) -> None:
+        if tensor.data_ptr() in seen:
+            return
+        seen.add(tensor.data_ptr())
+        out[key] = tensor.detach().contiguous().cpu()
+
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            for key, tensor in module.state_dict().items():
+                if not key.startswith("base_layer."):
+                    put(f"{name}.{key}", tensor)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            put(name, param)
+    return out
+
+
+def load_adapter_weights(model: nn.Module, path: Path) -> None:
+    """Load ``adapter.safetensors`` into a model that already carries the adapter layers.
+
+    Raises:
+        LorakitError: a stored tensor has no place in the model, or its shape differs.
+    """
+    tensors = load_file(str(path))
+    own = model.state_dict()
+    for key, tensor in tensors.items():
+        if key not in own:
+            raise LorakitError(f"{path}: tensor {key} has no place in this model (was it trained on another base or method?)")
+        if own[key].shape != tensor.shape:
+            raise LorakitError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(own[key].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _fsync_dir(path: Path) -> None:
+    for file in path.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    method,
+    recipe: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    step: int | None = None,
+) -> Path:
+    """Write a checkpoint folder at ``path`` atomically (temp folder, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(adapter_state_dict(model), str(tmp / ADAPTER_FILE), metadata={"format": "lorakit"})
+    (tmp / "method.json").write_text(json.dumps(method.state_dict(), indent=1))
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if optimizer is not None:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+        torch.save(state, tmp / "trainer_state.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"step": step}))
+    _fsync_dir(tmp)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_trainer_state(path: Path) -> dict:
+    """Optimizer / scheduler / RNG state of a training checkpoint (``weights_only=True``)."""
+    return torch.load(Path(path) / "trainer_state.pt", weights_only=True, map_location="cpu")
+
+
+def restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def mark_latest(output_dir: Path, checkpoint: Path) -> None:
+    write_atomic_text(Path(output_dir) / "checkpoints" / "latest", checkpoint.name)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest training checkpoint of a run folder, or None."""
+    pointer = Path(output_dir) / "checkpoints" / "latest"
+    if pointer.is_file():
+        candidate = pointer.parent / pointer.read_text().strip()
+        if (candidate / ADAPTER_FILE).is_file():
+            return candidate
+    steps = sorted(p for p in (Path(output_dir) / "checkpoints").glob("step-*") if (p / ADAPTER_FILE).is_file())
+    return steps[-1] if steps else None
+
+
+def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
+    """A checkpoint folder from a checkpoint path or a run folder (its ``final``, else its latest).
+
+    Raises:
+        LorakitError: no checkpoint there.
+    """
+    path = Path(run_or_checkpoint)
+    if (path / ADAPTER_FILE).is_file():
+        return path
+    if (path / "final" / ADAPTER_FILE).is_file():
+        return path / "final"
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise LorakitError(f"{path}: not a lorakit run folder or checkpoint (no {ADAPTER_FILE} found)")
+    return latest
+
+
+def read_checkpoint_meta(checkpoint: Path) -> tuple[dict, dict]:
+    """(recipe mapping, method state) stored in a checkpoint folder."""
+    recipe = yaml.safe_load((checkpoint / "recipe.yaml").read_text())
+    method_state = json.loads((checkpoint / "method.json").read_text())
+    return recipe, method_state

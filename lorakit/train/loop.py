@@ -1,0 +1,196 @@
+"""The training loop: AdamW, warmup + schedule, accumulation, clipping, evaluation, checkpoints.
+
+The loop knows the method only through its hooks (``lorakit.methods.base.Method``). Batches are
+drawn in a seeded order that depends only on (seed, epoch), so a resumed run sees exactly the batches
+the uninterrupted run would have seen, and with the restored RNG state gives the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lorakit.evaluate import autocast, evaluate_model, to_device
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainContext:
+    """What the ``prepare`` hook may use: the model, data, devices and a loss function."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    data: Any
+    recipe: Any
+    device: torch.device
+    console: Console
+    run_dir: Path
+    loss_fn: Callable[[dict], torch.Tensor] = field(repr=False, default=None)
+
+    def batches(self, dataset, batch_size: int, seed: int = 0) -> Iterator[dict]:
+        return iterate_batches(dataset, self.data.collate, batch_size, seed)
+
+
+def iterate_batches(dataset, collate, batch_size: int, seed: int | None) -> Iterator[dict]:
+    """Collated batches of ``dataset``; shuffled by ``seed`` (None keeps the order)."""
+    n = len(dataset)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield collate([dataset[int(i)] for i in order[start : start + batch_size]])
+
+
+class MicroBatches:
+    """Micro-batch number k (counting from 0 across epochs) in a fixed order: epoch e uses seed + e."""
+
+    def __init__(self, dataset, collate, batch_size: int, seed: int):
+        self.dataset, self.collate, self.batch_size, self.seed = dataset, collate, batch_size, seed
+        self.per_epoch = math.ceil(len(dataset) / batch_size)
+        self._epoch, self._order = -1, None
+
+    def __getitem__(self, k: int) -> dict:
+        epoch, pos = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.dataset), generator=gen)
+        idx = self._order[pos * self.batch_size : (pos + 1) * self.batch_size]
+        return self.collate([self.dataset[int(i)] for i in idx])
+
+
+def count_loss_items(batch: dict, task: str) -> int:
+    """Tokens that carry loss (causal LM, shifted by one) or examples (classification)."""
+    labels = batch["labels"]
+    return labels.numel() if task == "seq_cls" else int((labels[:, 1:] != -100).sum())
+
+
+class Trainer:
+    """Runs one recipe's training on an adapter-carrying model."""
+
+    def __init__(self, model, tokenizer, method, data, recipe, device: torch.device, console: Console):
+        self.model, self.tokenizer, self.method, self.data = model, tokenizer, method, data
+        self.recipe, self.device, self.console = recipe, device, console
+        self.run_dir = Path(recipe.output_dir)
+        self.task = recipe.model.task
+        cfg = recipe.train
+        self.micro = MicroBatches(data.train, data.collate, cfg.batch_size, cfg.seed)
+        steps_per_epoch = math.ceil(self.micro.per_epoch / cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+        self.steps_per_epoch = steps_per_epoch
+        self.step = 0
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def loss(self, batch: dict, num_items: int | None = None) -> torch.Tensor:
+        """Loss of one batch: the sum over loss items divided by ``num_items`` (default: its own)."""
+        batch = to_device(batch, self.device)
+        items = num_items or count_loss_items(batch, self.task)
+        with autocast(self.device):
+            if self.task == "seq_cls":
+                logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+                return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum") / items
+            return self.model(**batch, num_items_in_batch=items).loss
+
+    def evaluate(self, **options) -> dict:
+        bs = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
+
+        def run_eval() -> dict:
+            batches = iterate_batches(self.data.eval, self.data.collate, bs, seed=None)
+            return evaluate_model(self.model, batches, self.task, self.device)
+
+        return self.method.evaluate(run_eval, **options)
+
+    def context(self) -> TrainContext:
+        return TrainContext(self.model, self.tokenizer, self.data, self.recipe, self.device,
+                            self.console, self.run_dir, loss_fn=self.loss)
+
+    def _log(self, record: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _save(self, optimizer, scheduler) -> Path:
+        path = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
+        ckpt.save_checkpoint(path, self.model, self.method, self.recipe.model_dump(mode="json"),
+                             optimizer, scheduler, self.step)
+        ckpt.mark_latest(self.run_dir, path)
+        return path
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train(self, resume_from: Path | None = None) -> dict:
+        """Train to ``total_steps``; returns the final eval metrics. Writes metrics.jsonl, checkpoints."""
+        cfg = self.recipe.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            self.method.prepare(self.context())
+        self.model.train()
+        optimizer = build_optimizer(self.method.param_groups(self.model, cfg), cfg, self.device)
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        scheduler = build_scheduler(optimizer, cfg.lr_scheduler, self.total_steps, warmup)
+        if resume_from is not None:
+            state = ckpt.load_trainer_state(resume_from)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            ckpt.restore_rng(state["rng"])
+            self.step = json.loads((resume_from / "trainer.json").read_text())["step"]
+            self.console.print(f"Resuming from {resume_from} at step {self.step}")
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        accum = cfg.gradient_accumulation_steps
+        progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        metrics: dict = {}
+        with progress:
+            bar = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
+            t0, tokens_since = time.perf_counter(), 0
+            while self.step < self.total_steps:
+                self.method.before_step(self.step)
+                batches = [self.micro[self.step * accum + i] for i in range(accum)]
+                items = sum(count_loss_items(b, self.task) for b in batches)
+                loss_value = 0.0
+                for batch in batches:
+                    tokens_since += int(batch["input_ids"].numel())
+                    loss = self.loss(batch, num_items=items)
+                    loss.backward()
+                    loss_value += loss.item()
+                grad_norm = None
+                if cfg.max_grad_norm is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
+                optimizer.step()
+                self.method.after_optimizer_step(self.step, optimizer)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"loss became {loss_value} at step {self.step}; lower train.learning_rate or use "
+                        "model.dtype float32/bfloat16 (float16 overflows easily)"
+                    )
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    elapsed = time.perf_counter() - t0
+                    record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                              "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": grad_norm, "tokens_per_s": tokens_since / max(elapsed, 1e-9)}
+                    self._log(record)
+                    t0, tokens_since = time.perf_counter(), 0
+                    progress.update(bar, info=f"loss {loss_value:.4f}  lr {record['lr']:.2e}  "
+                                              f"{record['tokens_per_s']:,.0f} tok/s")
+                progress.update(bar, completed=self.step)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    metrics = self.evaluate()
+                    self._log({"step": self.step, **metrics})
+                    self.console.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self._save(optimizer, scheduler)
+        final = self._save(optimizer, scheduler)
+        metrics = self.evaluate()
+        self._log({"step": self.step, **metrics})
+        ckpt.save_checkpoint(self.run_dir / "final", self.model, self.method, self.recipe.model_dump(mode="json"))
+        self.console.print(f"Saved {final} and {self.run_dir / 'final'}")
+        return metrics

@@ -1,0 +1,93 @@
+"""Checks every method must pass on the tiny models (called from each method's test module)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from lorakit.config import recipe_from_dict
+from lorakit.methods import build_method
+from lorakit.train.checkpoint import adapter_state_dict, load_adapter_weights
+from tests.conftest import TINY_MODELS, tiny_inputs
+
+TASK = {"llama": "causal_lm", "gpt2": "causal_lm", "bert": "seq_cls"}
+
+
+def make(kind: str, method_cfg: dict, seed: int = 0):
+    """(model, method) with the method attached to a tiny model of ``kind``."""
+    cfg = recipe_from_dict({"method": method_cfg}).method
+    model = TINY_MODELS[kind](seed)
+    torch.manual_seed(seed + 100)
+    method = build_method(cfg)
+    method.attach(model, TASK[kind])
+    return model, method
+
+
+def randomize_adapters(model: torch.nn.Module, scale: float = 0.3, seed: int = 5) -> None:
+    """Give every trainable tensor random values, so merge/round-trip checks are not trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def logits(model, inputs=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**(inputs or tiny_inputs())).logits
+
+
+def check_noop_at_init(kind: str, method_cfg: dict) -> None:
+    model, _ = make(kind, method_cfg)
+    base = TINY_MODELS[kind](0)
+    if TASK[kind] == "seq_cls":  # the classification head is trainable but initialized identically
+        base.load_state_dict({k: v for k, v in model.state_dict().items() if k in base.state_dict()}, strict=False)
+    torch.testing.assert_close(logits(model), logits(base), rtol=0, atol=1e-6)
+
+
+def check_merge_equals_forward(kind: str, method_cfg: dict, atol: float = 1e-5) -> None:
+    model, method = make(kind, method_cfg)
+    randomize_adapters(model)
+    expected = logits(model)
+    merged = method.merge(copy.deepcopy(model))
+    from lorakit.methods.base import AdapterLayer
+
+    assert not any(isinstance(m, AdapterLayer) for m in merged.modules())
+    torch.testing.assert_close(logits(merged), expected, rtol=0, atol=atol)
+
+
+def check_only_adapters_get_grads(kind: str, method_cfg: dict, trainable_names: tuple[str, ...]) -> None:
+    """Backward reaches exactly the trainable tensors, whose names all contain one of ``trainable_names``."""
+    model, _ = make(kind, method_cfg)
+    randomize_adapters(model)
+    model.train()
+    out = model(**tiny_inputs())
+    out.logits.float().pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert any(t in name for t in trainable_names) or name.startswith(("score", "classifier")), name
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+
+
+def check_checkpoint_roundtrip(kind: str, method_cfg: dict, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    model, method = make(kind, method_cfg)
+    randomize_adapters(model)
+    save_file(adapter_state_dict(model), str(tmp_path / "a.safetensors"))
+    state = method.state_dict()
+    fresh, fresh_method = make(kind, method_cfg, seed=0)
+    fresh_method.load_state_dict(state)
+    load_adapter_weights(fresh, tmp_path / "a.safetensors")
+    torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=0)
+
+
+def trainable_count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def head_count(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n.startswith(("score", "classifier")))
