@@ -201,4 +201,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     """The resolved recipe as plain data (what a run folder records as ``recipe.yaml``)."""
-    return recipe.model_dump(mode="json")
+    return recipe.model_dump(mode="json", serialize_as_any=True)

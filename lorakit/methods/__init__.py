@@ -29,7 +29,16 @@ def build_method(cfg) -> Method:
     return get_method_class(cfg.name)(cfg)
 
 
-# Each import registers its method(s).
-from lorakit.methods import lora  # noqa: E402,F401
+def _discover() -> None:
+    """Import every module of this package; each registers its method(s) with ``@register``."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: (i.name != "lora", i.name)):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()
 
 __all__ = ["REGISTRY", "AdapterLayer", "Method", "build_method", "get_method_class", "register"]

@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from lorakit.config import recipe_to_dict
 from lorakit.evaluate import autocast, evaluate_model, to_device
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.optim import build_optimizer, build_scheduler
@@ -116,7 +117,7 @@ class Trainer:
 
     def _save(self, optimizer, scheduler) -> Path:
         path = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
-        ckpt.save_checkpoint(path, self.model, self.method, self.recipe.model_dump(mode="json"),
+        ckpt.save_checkpoint(path, self.model, self.method, recipe_to_dict(self.recipe),
                              optimizer, scheduler, self.step)
         ckpt.mark_latest(self.run_dir, path)
         return path
@@ -191,6 +192,6 @@ class Trainer:
         final = self._save(optimizer, scheduler)
         metrics = self.evaluate()
         self._log({"step": self.step, **metrics})
-        ckpt.save_checkpoint(self.run_dir / "final", self.model, self.method, self.recipe.model_dump(mode="json"))
+        ckpt.save_checkpoint(self.run_dir / "final", self.model, self.method, recipe_to_dict(self.recipe))
         self.console.print(f"Saved {final} and {self.run_dir / 'final'}")
         return metrics
