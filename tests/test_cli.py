@@ -1,0 +1,89 @@
+"""End to end through the command line: the real SmolLM2 / MiniLM, a few steps each."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lorakit.cli import app
+
+runner = CliRunner()
+
+FAST = ["train.max_steps=2", "train.batch_size=2", "train.eval_every=null", "train.num_samples=1",
+        "data.max_seq_length=48", "data.eval_max_examples=8", "data.max_examples=32"]
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def test_list_methods_json():
+    result = invoke("list-methods", "--json")
+    assert result.exit_code == 0
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["lora"]["mergeable"] is True and "paper" in rows["lora"]
+
+
+def test_bad_recipe_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method:\n  name: lora\n  rr: 4\n")
+    result = invoke("train", bad)
+    assert result.exit_code == 2
+    assert "unknown field `method.rr` (did you mean `r`?)" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_override_field_exits_2():
+    result = invoke("train", "recipes/quickstart.yaml", "train.max_step=3")
+    assert result.exit_code == 2 and "did you mean `max_steps`" in result.output
+
+
+@pytest.mark.slow
+def test_quickstart_train_eval_merge(tmp_path):
+    run = tmp_path / "run"
+    result = invoke("train", "recipes/quickstart.yaml", f"output_dir={run}", *FAST)
+    assert result.exit_code == 0, result.output
+    assert (run / "final" / "adapter.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["after"]["eval_tokens"] > 0
+
+    again = invoke("train", "recipes/quickstart.yaml", f"output_dir={run}", *FAST)
+    assert again.exit_code == 1 and "already holds a run" in again.output  # nothing overwritten
+
+    result = invoke("eval", run, "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["eval_loss"] == pytest.approx(summary["after"]["eval_loss"], rel=1e-4)
+
+    merged = tmp_path / "merged"
+    result = invoke("merge", run, "--output", merged)
+    assert result.exit_code == 0, result.output
+    diff = float(result.stdout.split("adapter model:")[1].strip())
+    assert diff < 1e-3
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.slow
+def test_resume_continues(tmp_path):
+    run = tmp_path / "run"
+    args = ["recipes/quickstart.yaml", f"output_dir={run}", *FAST, "train.max_steps=3", "train.save_every=1"]
+    assert invoke("train", *args).exit_code == 0
+    result = invoke("train", *args, "train.max_steps=4", "--resume")
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4
+
+
+@pytest.mark.slow
+def test_bbc_minilm_classification(tmp_path):
+    run = tmp_path / "bbc"
+    result = invoke("train", "recipes/bbc-news-minilm.yaml", f"output_dir={run}", "train.max_steps=2",
+                    "train.batch_size=4", "data.max_seq_length=64", "data.eval_max_examples=20", "data.max_examples=40",
+                    "train.eval_every=null")
+    assert result.exit_code == 0, result.output
+    after = json.loads((run / "summary.json").read_text())["after"]
+    assert 0 <= after["accuracy"] <= 1 and "macro_f1" in after
