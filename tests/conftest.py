@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+
+# CI runs two pytest workers on two cores: one thread each avoids oversubscription (10x slower).
+torch.set_num_threads(1)
 from transformers import (
     BertConfig,
     BertForSequenceClassification,

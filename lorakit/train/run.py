@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -63,10 +64,15 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
         before = trainer.evaluate()
         console.print(f"before training: {_summary_line(before)}")
         _samples(session, console, "samples before training")
+    start_step, t0 = trainer.step if not resume else None, time.perf_counter()
     after = trainer.train(resume_from=latest if resume else None)
+    seconds = time.perf_counter() - t0
     console.print(f"after training:  {_summary_line(after)}")
     _samples(session, console, "samples after training")
-    summary = {"before": before, "after": after, "steps": trainer.step,
+    steps_run = trainer.step - (start_step or 0) if start_step is not None else None
+    summary = {"method": recipe.method.name, "before": before, "after": after, "steps": trainer.step,
+               "train_seconds": seconds,
+               "seconds_per_step": seconds / steps_run if steps_run else None,
                "trainable_parameters": sum(p.numel() for p in session.model.parameters() if p.requires_grad)}
     ckpt.write_atomic_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     return after
