@@ -64,11 +64,26 @@ def eval_cmd(
     if as_json:
         out.print_json(json.dumps({"checkpoint": str(path), **metrics}))
         return
+
+    def fmt(value) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    per_rank = {k: v for k, v in metrics.items() if isinstance(v, dict)}  # --ranks: {"rank_b": metrics}
+    if per_rank:
+        names = list(next(iter(per_rank.values())))
+        table = Table(title=f"eval of {path}, by rank")
+        table.add_column("rank")
+        for name in names:
+            table.add_column(name, justify="right")
+        for key, values in per_rank.items():
+            table.add_row(key.removeprefix("rank_"), *(fmt(values.get(n)) for n in names))
+        out.print(table)
+        return
     table = Table(title=f"eval of {path}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(key, fmt(value))
     out.print(table)
 
 
@@ -78,15 +93,33 @@ def merge(
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged transformers model."),
     dtype: str = typer.Option("auto", "--dtype", help="Weights dtype: auto (the base's), float32, bfloat16, float16."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Merge at this rank (methods with a variable rank)."),
+    onto: str = typer.Option("dequant", "--onto", help="Quantized base: merge onto dequant (the trained "
+                             "4/8-bit weights, exact) or original (the 16/32-bit weights; deviates)."),
 ) -> None:
     """Merge the adapter into the base weights and save a standalone model folder (checked)."""
     try:
         from lorakit.merge import merge_run
 
-        diff = merge_run(run, output, dtype, console, rank=rank)
+        diff = merge_run(run, output, dtype, console, rank=rank, onto=onto)
     except LorakitError as err:
         _fail(err)
     out.print(f"merged model written to {output}; largest |logit difference| vs the adapter model: {diff:.3g}")
+
+
+@app.command()
+def compare(
+    recipes: list[Path] = typer.Argument(..., help="Recipes to train and compare, e.g. recipes/bbc-news-minilm*.yaml."),
+    override: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE override applied to every recipe (repeatable)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown."),
+) -> None:
+    """Train several recipes (skipping finished runs) and print one table side by side."""
+    try:
+        from lorakit import compare as cmp
+
+        rows = cmp.compare(recipes, override or [], console)
+    except LorakitError as err:
+        _fail(err)
+    out.print(cmp.markdown(rows) if markdown else cmp.table(rows))
 
 
 @app.command("list-methods")

@@ -1,0 +1,64 @@
+"""``lorakit compare``: train several recipes (e.g. one task under several methods) and tabulate them.
+
+Each recipe trains into its own ``output_dir`` as ``lorakit train`` would; a run that already finished
+(its ``summary.json`` exists) is not trained again, so an interrupted comparison picks up where it
+stopped. The table gives, per run: method, trainable parameters, seconds per optimizer step, and the
+final held-out metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lorakit.config import load_recipe
+from lorakit.train.run import run_training
+
+METRICS = ("accuracy", "macro_f1", "eval_loss", "perplexity")
+
+
+def compare(recipes: list[Path], overrides: list[str], console: Console) -> list[dict]:
+    """Train every recipe that has not finished yet; return one row per recipe.
+
+    Raises RecipeError for an invalid recipe before anything trains (all are validated first).
+    """
+    resolved = [(path, load_recipe(path, overrides)) for path in recipes]
+    rows = []
+    for path, recipe in resolved:
+        summary_file = Path(recipe.output_dir) / "summary.json"
+        if not summary_file.is_file():
+            console.rule(f"{path} ({recipe.method.name})")
+            run_training(path, overrides, resume=(Path(recipe.output_dir) / "checkpoints").is_dir(), console=console)
+        summary = json.loads(summary_file.read_text())
+        rows.append({"recipe": str(path), "method": recipe.method.name, "output_dir": recipe.output_dir,
+                     "trainable_parameters": summary["trainable_parameters"],
+                     "seconds_per_step": summary.get("seconds_per_step"),
+                     **{k: summary["after"][k] for k in METRICS if k in summary["after"]}})
+    return rows
+
+
+def table(rows: list[dict]) -> Table:
+    metrics = [k for k in METRICS if any(k in r for r in rows)]
+    out = Table(title="lorakit compare")
+    for col in ("method", "recipe", "trainable", "s/step", *metrics):
+        out.add_column(col, justify="left" if col in ("method", "recipe") else "right")
+    for r in rows:
+        sps = r["seconds_per_step"]
+        out.add_row(r["method"], Path(r["recipe"]).name, f"{r['trainable_parameters']:,}",
+                    "-" if sps is None else f"{sps:.3f}", *(f"{r[k]:.4f}" if k in r else "-" for k in metrics))
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    metrics = [k for k in METRICS if any(k in r for r in rows)]
+    head = ["method", "recipe", "trainable params", "s/step", *metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        sps = r["seconds_per_step"]
+        cells = [r["method"], f"`{r['recipe']}`", f"{r['trainable_parameters']:,}",
+                 "-" if sps is None else f"{sps:.3f}", *(f"{r[k]:.4f}" if k in r else "-" for k in metrics)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,29 @@
+import json
+
+from rich.console import Console
+
+from lorakit import compare as cmp
+
+
+def test_compare_trains_unfinished_runs_only(tmp_path, monkeypatch):
+    recipes = []
+    for name in ("lora", "dora"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"method: {{name: {name}}}\noutput_dir: {tmp_path / name}\n")
+        recipes.append(path)
+    trained = []
+
+    def fake_run(path, overrides, resume, console):
+        out = tmp_path / path.stem
+        out.mkdir()
+        (out / "summary.json").write_text(json.dumps({
+            "trainable_parameters": 10, "seconds_per_step": 0.5, "after": {"eval_loss": 1.5, "perplexity": 4.48}}))
+        trained.append(path.stem)
+
+    monkeypatch.setattr(cmp, "run_training", fake_run)
+    rows = cmp.compare(recipes, [], Console(quiet=True))
+    assert trained == ["lora", "dora"] and [r["method"] for r in rows] == ["lora", "dora"]
+    rows = cmp.compare(recipes, [], Console(quiet=True))  # finished runs are not trained again
+    assert trained == ["lora", "dora"]
+    md = cmp.markdown(rows)
+    assert "| lora |" in md and "1.5000" in md and "perplexity" in md
