@@ -101,10 +101,35 @@ class Recipe(Section):
         method_cls = get_method_class(value.get("name", "lora"))
         return method_cls.config_class.model_validate(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_default_quantization(cls, data: Any) -> Any:
+        """A method may need a quantized base (QLoRA): its ``default_quantization`` fills an unset
+        ``model.quantization``."""
+        from lorakit.methods import get_method_class
+
+        if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
+            return data
+        method = data.get("method", {})
+        name = method.name if isinstance(method, MethodConfig) else (method or {}).get("name", "lora")
+        try:
+            default = get_method_class(name).default_quantization
+        except (RecipeError, TypeError):
+            return data  # the method field's own validation reports it
+        if default is not None and "quantization" not in data.get("model", {}):
+            data = {**data, "model": {**data.get("model", {}), "quantization": default}}
+        return data
+
     @model_validator(mode="after")
     def _task_and_format(self) -> "Recipe":
         if self.model.task == "seq_cls" and self.data.format not in ("auto", "classification"):
             raise ValueError(f"data.format {self.data.format!r} needs model.task causal_lm")
+        from lorakit.methods import get_method_class
+
+        default = get_method_class(self.method.name).default_quantization
+        if default is not None and self.model.quantization is None:
+            raise ValueError(f"method {self.method.name} needs a quantized base: set model.quantization to "
+                             f"nf4, fp4 or int8 (unset means {default})")
         return self
 
 
@@ -134,7 +159,7 @@ def _section_fields(data: dict, loc: tuple) -> list[str]:
 
 def _format_error(err: ValidationError, data: dict, origin: str) -> str:
     first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not isinstance(p, int) or True)
+    loc = tuple(first["loc"])
     field = ".".join(str(p) for p in loc) or "recipe"
     if first["type"] == "extra_forbidden":
         key = str(loc[-1])
@@ -143,6 +168,8 @@ def _format_error(err: ValidationError, data: dict, origin: str) -> str:
     ctx = first.get("ctx", {})
     if "expected" in ctx:
         msg = f"expected {ctx['expected']}"
+    if not loc:  # a rule across sections: the message names the fields
+        return f"{origin}: {msg}"
     return f"{origin}: {field} = {first.get('input')!r} is invalid: {msg}"
 
 

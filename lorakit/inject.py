@@ -82,6 +82,7 @@ def inject(model: nn.Module, method: "Method", task: str = "causal_lm") -> dict[
     layers = {}
     for name in find_targets(model, method.cfg.target_modules):
         layer = method.make_layer(name, model.get_submodule(name))
+        layer.train(model.training)
         replace_module(model, name, layer)
         layers[name] = layer
     if task == "seq_cls":

@@ -135,17 +135,21 @@ def _dtype(cfg: ModelConfig) -> torch.dtype:
 
 
 def _quantization_config(cfg: ModelConfig):
+    """bitsandbytes settings for ``cfg.quantization``; a new classification head stays unquantized
+    (it is trained), the LM head is skipped by transformers' default."""
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization is None:
         return None
+    skip = {"llm_int8_skip_modules": ["classifier", "score"]} if cfg.task == "seq_cls" else {}
     if cfg.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quantization,
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+        **skip,
     )
 
 

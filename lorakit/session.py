@@ -14,6 +14,7 @@ from lorakit.config import Recipe, recipe_from_dict
 from lorakit.data import load_raw, tokenize
 from lorakit.methods import Method, build_method
 from lorakit.models import load_model, load_tokenizer, model_device
+from lorakit.quant import prepare_kbit_model
 from lorakit.train import checkpoint as ckpt
 
 
@@ -57,6 +58,8 @@ def build_session(recipe: Recipe, console: Console, method_state: dict | None = 
     data = tokenize(raw, recipe.data, tokenizer, task)
     device = model_device()
     method = build_method(recipe.method)
+    if recipe.model.quantization is not None:
+        prepare_kbit_model(model)  # freeze, fp32 norms and head (QLoRA; any method over a k-bit base)
     method.attach(model, task)
     if method_state:
         method.load_state_dict(method_state)

@@ -30,14 +30,11 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The frozen base weight W0 as fp32 ``(out, in)``, dequantized for bitsandbytes layers."""
-    weight = layer.weight
-    if getattr(weight, "quant_state", None) is not None:  # bnb Params4bit
-        import bitsandbytes.functional as bnbf
+    from lorakit.quant import dequantize_weight, is_quantized_linear
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
-    if weight.dtype == torch.int8 and getattr(weight, "SCB", None) is not None:  # bnb Int8Params
-        return weight.data.float() * weight.SCB.float().unsqueeze(1) / 127.0
-    weight = weight.detach().float()
+    if is_quantized_linear(layer):  # bnb Params4bit / Int8Params
+        return dequantize_weight(layer)
+    weight = layer.weight.detach().float()
     return weight.t() if is_conv1d(layer) else weight
 
 
@@ -124,6 +121,7 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     layer_class: ClassVar[type[AdapterLayer]]
     mergeable: ClassVar[bool] = True
+    default_quantization: ClassVar[str | None] = None  # model.quantization when the recipe leaves it unset
     HOOKS: ClassVar[tuple[str, ...]] = (
         "prepare", "param_groups", "before_step", "after_optimizer_step", "evaluate", "merge",
         "state_dict",
@@ -175,6 +173,14 @@ class Method:
             replace_module(model, name, layer.merged_layer(dtype))
         self.layers = {}
         return model
+
+    def export_peft(self, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """This adapter as PEFT files: (``adapter_config.json`` mapping, ``adapter_model.safetensors``
+        tensors by PEFT key), or None when PEFT has no faithful equivalent (merge instead). Default:
+        :func:`lorakit.export.builtin_export` (LoRA-family layers, DoRA, VeRA, DyLoRA, Delta-LoRA)."""
+        from lorakit.export import builtin_export
+
+        return builtin_export(self, model)
 
     def state_dict(self) -> dict:
         return {}

@@ -123,6 +123,15 @@ class Trainer:
         ckpt.mark_latest(self.run_dir, path)
         return path
 
+    def _save_peft(self, folder: Path) -> None:
+        """A PEFT-format copy of the final adapter, when the method has a PEFT equivalent."""
+        from lorakit.export import write_peft_folder
+
+        try:
+            write_peft_folder(folder, self.model, self.method, self.recipe)
+        except Exception as err:  # the run is saved already; a failed extra copy must not lose it
+            self.console.print(f"[yellow]warning:[/] no PEFT copy in {folder}: {err}")
+
     # ---- the loop -------------------------------------------------------------------------------
     def train(self, resume_from: Path | None = None) -> dict:
         """Train to ``total_steps``; returns the final eval metrics. Writes metrics.jsonl, checkpoints."""
@@ -131,7 +140,8 @@ class Trainer:
         if resume_from is None:
             self.method.prepare(self.context())
         self.model.train()
-        optimizer = build_optimizer(self.method.param_groups(self.model, cfg), cfg, self.device)
+        optimizer = build_optimizer(self.method.param_groups(self.model, cfg), cfg, self.device,
+                                    quantized=self.recipe.model.quantization is not None)
         warmup = int(cfg.warmup_ratio * self.total_steps)
         scheduler = build_scheduler(optimizer, cfg.lr_scheduler, self.total_steps, warmup)
         if resume_from is not None:
@@ -194,5 +204,6 @@ class Trainer:
         metrics = self.evaluate()
         self._log({"step": self.step, **metrics})
         ckpt.save_checkpoint(self.run_dir / "final", self.model, self.method, recipe_to_dict(self.recipe))
+        self._save_peft(self.run_dir / "final" / "peft")
         self.console.print(f"Saved {final} and {self.run_dir / 'final'}")
         return metrics

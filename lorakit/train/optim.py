@@ -102,7 +102,14 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_optimizer(groups: list[dict], train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over ``groups``; the fused CUDA kernel on GPU."""
+def build_optimizer(
+    groups: list[dict], train: TrainConfig, device: torch.device, quantized: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW over ``groups``; the fused CUDA kernel on GPU. Over a k-bit base (QLoRA, Dettmers et al.
+    2023, §3): bitsandbytes' paged AdamW on CUDA, plain AdamW on CPU (said once in the log)."""
+    if quantized:
+        from lorakit.quant import kbit_optimizer_class
+
+        return kbit_optimizer_class(device)(groups, lr=train.learning_rate, weight_decay=train.weight_decay)
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=train.learning_rate, weight_decay=train.weight_decay, fused=fused)
