@@ -1,4 +1,4 @@
-"""The ``lorakit`` command line: train, eval, merge, list-methods."""
+"""The ``lorakit`` command line: train, eval, merge, compare, export, generate, chat, list-methods."""
 
 from __future__ import annotations
 
@@ -120,6 +120,76 @@ def compare(
     except LorakitError as err:
         _fail(err)
     out.print(cmp.markdown(rows) if markdown else cmp.table(rows))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run folder or checkpoint folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the adapter."),
+    fmt: str = typer.Option("peft", "--format", help="Adapter format: peft (adapter_config.json + adapter_model.safetensors)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Export at this rank (methods with a variable rank)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="base_model_name_or_path to record "
+                                             "(default: the recipe's base; built-ins: lorakit's cached copy)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Load the export with peft and compare logits."),
+) -> None:
+    """Write the adapter in PEFT's format, loadable by peft, transformers and vLLM (checked)."""
+    try:
+        if fmt != "peft":
+            raise LorakitError(f"--format {fmt!r}: expected peft")
+        from lorakit.export import export_run
+
+        diff = export_run(run, output, console, rank=rank, base_model=base_model, check=check)
+    except LorakitError as err:
+        _fail(err)
+    tail = "" if diff is None else f"; largest |logit difference| vs PEFT: {diff:.3g}"
+    out.print(f"PEFT adapter written to {output}{tail}")
+
+
+MAX_NEW = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per reply.")
+TEMPERATURE = typer.Option(0.7, "--temperature", help="Sampling temperature.")
+TOP_P = typer.Option(0.9, "--top-p", help="Nucleus sampling: keep the smallest token set with this much probability.")
+GREEDY = typer.Option(False, "--greedy", help="Greedy decoding (no sampling).")
+SEED = typer.Option(None, "--seed", help="Seed for sampling.")
+TARGET = typer.Argument(..., help="Run or checkpoint folder, PEFT adapter folder, or model (folder, built-in name, hub id).")
+
+
+@app.command()
+def generate(
+    target: str = TARGET,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt (one user turn of the chat template)."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as plain text, without the chat template."),
+    max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_p: float = TOP_P,
+    greedy: bool = GREEDY, seed: Optional[int] = SEED,
+) -> None:
+    """Generate one reply to a prompt, streamed; stops at the end-of-turn token."""
+    try:
+        from lorakit.generate import GenerationOptions, generate_reply, load_for_generation
+
+        model, tokenizer, device, what = load_for_generation(target)
+        console.print(f"[dim]{what}[/dim]", soft_wrap=True)
+        options = GenerationOptions(max_new_tokens, temperature, top_p, greedy, seed)
+        generate_reply(model, tokenizer, device, prompt, options, raw=raw)
+    except LorakitError as err:
+        _fail(err)
+
+
+@app.command()
+def chat(
+    target: str = TARGET,
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt."),
+    max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_p: float = TOP_P,
+    greedy: bool = GREEDY, seed: Optional[int] = SEED,
+) -> None:
+    """Chat through the tokenizer's chat template, replies streamed; /exit quits, /reset clears."""
+    try:
+        from lorakit.generate import GenerationOptions, chat_loop, load_for_generation
+
+        model, tokenizer, device, what = load_for_generation(target)
+        console.print(f"[dim]{what}[/dim]", soft_wrap=True)
+        options = GenerationOptions(max_new_tokens, temperature, top_p, greedy, seed)
+        chat_loop(model, tokenizer, device, options, console, system=system)
+    except LorakitError as err:
+        _fail(err)
 
 
 @app.command("list-methods")
