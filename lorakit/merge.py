@@ -66,13 +66,58 @@ def _onto_original(session, path: Path, rank: int | None):
     return model.to(session.device), method
 
 
+def untie_diverged_head(model: torch.nn.Module) -> bool:
+    """Set ``tie_word_embeddings`` false when the output embedding no longer is (or equals) the input
+    embedding, as after merging an adapter on a tied LM head; a loader would otherwise re-tie it and
+    drop the trained head. Returns True when it untied."""
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    configs = {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)()) if c is not None}
+    if inp is None or out is None or not any(getattr(c, "tie_word_embeddings", False) for c in configs.values()):
+        return False
+    a, b = inp.weight, out.weight
+    if a is b or (a.shape == b.shape and torch.equal(a, b)):
+        return False
+    for config in configs.values():
+        config.tie_word_embeddings = False
+    return True
+
+
+def save_merged(model: torch.nn.Module, tokenizer, folder: Path, dtype: torch.dtype | None = None) -> bool:
+    """``save_pretrained`` a merged model (and tokenizer) so that a plain ``from_pretrained`` gives it back.
+
+    ``dtype`` casts every floating tensor once (the merge itself was fp32); tied embeddings stay tied
+    unless the LM head was adapted (:func:`untie_diverged_head`); ``vocab_size`` follows the embedding
+    rows (a resized vocabulary). Returns True when the head was untied.
+    """
+    if dtype is not None:
+        model.to(dtype)
+    untied = untie_diverged_head(model)
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    text = getattr(model.config, "get_text_config", lambda: model.config)()
+    if inp is not None and getattr(text, "vocab_size", None) not in (None, inp.weight.shape[0]):
+        text.vocab_size = inp.weight.shape[0]
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return untied
+
+
+def load_merged(folder: Path, task: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A merged folder loaded the way users load it: ``AutoModelFor…from_pretrained(folder)``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+    return auto.from_pretrained(folder, dtype="auto", trust_remote_code=trust_remote_code)
+
+
 def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int | None = None,
               onto: str = "dequant") -> float:
     """Merge a run's adapter into its base, save model + tokenizer to ``output`` atomically.
 
     Over a quantized base the saved model is unquantized (see the module docstring for ``onto``).
-    Returns the largest absolute logit difference between the adapter model and the merged model on a
-    few held-out batches. Raises LorakitError for a bad dtype or ``onto``, an unmergeable method, an
+    Returns the largest absolute logit difference between the adapter model and the merged model, as
+    reloaded from ``output`` with ``AutoModelFor…from_pretrained``, on a few held-out batches. Raises LorakitError for a bad dtype or ``onto``, an unmergeable method, an
     existing non-empty ``output``, or ``onto="original"`` over a base stored quantized.
     """
     if dtype != "auto" and dtype not in DTYPES:
@@ -103,14 +148,19 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
     model = method.merge(model, target)
     if quant is not None:
         dequantize_model(model, target)
-    after = _logits(model, batches, session.device)
-    diff = max((a - b).abs().max().item() for a, b in zip(before, after))
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    session.tokenizer.save_pretrained(tmp)
+    untied = save_merged(model, session.tokenizer, tmp, target)
+    session.model = model = None
+    mcfg = session.recipe.model
+    reloaded = load_merged(tmp, mcfg.task, mcfg.trust_remote_code).to(session.device)  # what users will load
+    after = _logits(reloaded, batches, session.device)
+    diff = max((a - b).abs().max().item() for a, b in zip(before, after))
     if output.exists():
         output.rmdir()
     os.replace(tmp, output)
+    if untied:
+        console.print("the adapted LM head no longer equals the input embeddings: saved untied "
+                      "(tie_word_embeddings: false)")
     console.print(f"merged {path} ({method.name}) onto {base} into {output}", soft_wrap=True)
     return diff

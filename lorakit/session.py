@@ -47,9 +47,18 @@ def parameter_table(model: torch.nn.Module, method: Method) -> Table:
     return table
 
 
-def build_session(recipe: Recipe, console: Console, method_state: dict | None = None) -> Session:
-    """Load data, tokenizer and model, attach the recipe's method (restoring ``method_state``)."""
+def build_session(recipe: Recipe, console: Console, method_state: dict | None = None,
+                  peft_adapter: bool = True) -> Session:
+    """Load data, tokenizer and model, attach the recipe's method (restoring ``method_state``).
+
+    With ``model.adapter`` (and ``peft_adapter``) the method's r/alpha/targets come from (or are checked
+    against) that PEFT folder, updating ``recipe.method`` in place, and its weights are loaded after attach
+    (:mod:`lorakit.peft_import`)."""
     task = recipe.model.task
+    if recipe.model.adapter and peft_adapter:
+        from lorakit.peft_import import apply_adapter_config
+
+        apply_adapter_config(recipe)  # fails before any model loads
     raw = load_raw(recipe.data, task, recipe.train.seed)
     tokenizer = load_tokenizer(recipe.model)
     num_labels = len(raw.label_names) if task == "seq_cls" else None
@@ -61,6 +70,11 @@ def build_session(recipe: Recipe, console: Console, method_state: dict | None = 
     if recipe.model.quantization is not None:
         prepare_kbit_model(model)  # freeze, fp32 norms and head (QLoRA; any method over a k-bit base)
     method.attach(model, task)
+    if recipe.model.adapter and peft_adapter:
+        from lorakit.peft_import import load_peft_weights
+
+        count = load_peft_weights(model, method, recipe.model.adapter)
+        console.print(f"model.adapter: {count} tensors loaded from {recipe.model.adapter}", soft_wrap=True)
     if method_state:
         method.load_state_dict(method_state)
     if recipe.model.quantization is None:
@@ -82,6 +96,6 @@ def load_checkpoint_session(run_or_checkpoint: str | Path, console: Console, ove
     for section, values in (overrides or {}).items():
         recipe_data.setdefault(section, {}).update(values)
     recipe = recipe_from_dict(recipe_data, origin=str(path / "recipe.yaml"))
-    session = build_session(recipe, console, method_state)
+    session = build_session(recipe, console, method_state, peft_adapter=False)  # weights: the checkpoint's
     ckpt.load_adapter_weights(session.model, path / ckpt.ADAPTER_FILE)
     return session, path

@@ -1,0 +1,121 @@
+"""``model.adapter`` (lorakit.peft_import): a PEFT LoRA / DoRA folder saved by peft itself, with random
+weights, loaded into lorakit's model gives PEFT's logits; mismatches are clear errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from rich.console import Console
+
+from lorakit.config import recipe_from_dict
+from lorakit.errors import LorakitError
+from lorakit.methods import build_method
+from lorakit.peft_import import apply_adapter_config, load_peft_weights
+from lorakit.session import build_session, load_checkpoint_session
+from lorakit.train.loop import Trainer
+from tests.conftest import TINY_MODELS, tiny_inputs
+from tests.test_quant import save_tiny
+
+QUIET = Console(quiet=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def logits(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**tiny_inputs()).logits
+
+
+def peft_adapter(folder, kind="llama", **config):
+    """Save a PEFT adapter with random weights (all of its trainable tensors moved) to ``folder``;
+    returns PEFT's logits."""
+    model = get_peft_model(TINY_MODELS[kind](0), LoraConfig(lora_dropout=0.0, **config))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(folder)
+    return logits(model)
+
+
+def lorakit_model(folder, kind="llama", method=None, task="causal_lm"):
+    recipe = recipe_from_dict({"model": {"adapter": str(folder), "task": task}, "method": method or {"name": "lora"}})
+    apply_adapter_config(recipe)
+    model = TINY_MODELS[kind](0)
+    m = build_method(recipe.method)
+    m.attach(model, task)
+    load_peft_weights(model, m, folder)
+    return model, recipe
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_adapter_gives_peft_logits(tmp_path, use_dora, use_rslora):
+    expected = peft_adapter(tmp_path, r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "up_proj"],
+                            use_dora=use_dora, use_rslora=use_rslora)
+    model, recipe = lorakit_model(tmp_path, method={"name": "dora" if use_dora else "lora"})
+    assert (recipe.method.r, recipe.method.lora_alpha, recipe.method.use_rslora) == (4, 12.0, use_rslora)
+    assert sorted(recipe.method.target_modules) == ["q_proj", "up_proj", "v_proj"]
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=2e-5)
+
+
+def test_seq_cls_head_is_loaded_and_trainable(tmp_path):
+    expected = peft_adapter(tmp_path, kind="bert", r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model, _ = lorakit_model(tmp_path, kind="bert", task="seq_cls")
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=2e-5)
+    assert model.classifier.weight.requires_grad
+
+
+def test_gpt2_conv1d(tmp_path):
+    expected = peft_adapter(tmp_path, kind="gpt2", r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    model, _ = lorakit_model(tmp_path, kind="gpt2")
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=2e-5)
+
+
+def test_mismatches_name_model_adapter(tmp_path):
+    peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(LorakitError, match=r"method.r = 8 but model.adapter .* has r = 4"):
+        lorakit_model(tmp_path, method={"name": "lora", "r": 8})
+    with pytest.raises(LorakitError, match=r"model.adapter .* is a LoRA adapter; method.name must be .*not dora"):
+        lorakit_model(tmp_path, method={"name": "dora"})
+    with pytest.raises(LorakitError, match="method.target_modules"):
+        lorakit_model(tmp_path, method={"name": "lora", "target_modules": ["q_proj"]})
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj"]  # the file now holds tensors the config does not target
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(LorakitError, match=r"model.adapter .* does not adapt model.layers.0.self_attn.v_proj"):
+        lorakit_model(tmp_path)
+    with pytest.raises(LorakitError, match="not a PEFT adapter folder"):
+        lorakit_model(tmp_path / "nowhere")
+
+
+def test_train_session_starts_from_the_adapter(tmp_path):
+    """Through build_session on a saved tiny base: the model is PEFT's before any step, the recipe records
+    the adapter's r, and a checkpoint session does not need the adapter folder."""
+    save_tiny(tmp_path, texts=20)
+    expected = peft_adapter(tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["k_proj"])
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(tmp_path), "adapter": str(tmp_path / "adapter")},
+        "method": {"name": "lora", "lora_dropout": 0.0},
+        "data": {"source": str(tmp_path / "data.jsonl"), "format": "text", "max_seq_length": 16},
+        "train": {"max_steps": 1, "batch_size": 4, "num_samples": 0},
+        "output_dir": str(tmp_path / "run"),
+    })
+    session = build_session(recipe, QUIET)
+    assert recipe.method.r == 2 and session.recipe.method.target_modules == ["k_proj"]
+    torch.testing.assert_close(logits(session.model), expected, rtol=0, atol=2e-5)
+    Trainer(session.model, session.tokenizer, session.method, session.data, recipe, session.device, QUIET).train()
+    shutil.rmtree(tmp_path / "adapter")
+    reloaded, _ = load_checkpoint_session(tmp_path / "run", QUIET)
+    assert reloaded.method.cfg.r == 2
+    torch.testing.assert_close(logits(reloaded.model), logits(session.model), rtol=0, atol=0)
