@@ -23,15 +23,6 @@ from tests.test_quant import save_tiny
 AUTO_PEFT = {"causal_lm": AutoPeftModelForCausalLM, "seq_cls": AutoPeftModelForSequenceClassification}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is much faster than two on a loaded machine (OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     """Each tiny base saved once, so ``base_model_name_or_path`` points at real weights."""

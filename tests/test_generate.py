@@ -20,14 +20,6 @@ CHATS = [{"messages": [{"role": "user", "content": "Hello there, how are you tod
                        {"role": "assistant", "content": "Machines that think."}]}] * 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_chat_model(folder, eos: str = "<|im_end|>", always: str | None = None):
     """A tiny Llama + ChatML tokenizer saved to ``folder``. With ``always`` the model emits that token
     at every step: the residual stream is the token embedding (o_proj, down_proj zeroed), every

@@ -4,7 +4,6 @@ untied, a resized vocabulary and a trained classification head saved, ``--dtype`
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -17,14 +16,6 @@ from tests.methods.harness import make, randomize_adapters
 from tests.test_quant import save_tiny
 
 LORA = {"name": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def logits(model, inputs=None) -> torch.Tensor:

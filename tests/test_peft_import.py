@@ -21,14 +21,6 @@ from tests.test_quant import save_tiny
 QUIET = Console(quiet=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def logits(model) -> torch.Tensor:
     model.eval()
     with torch.no_grad():

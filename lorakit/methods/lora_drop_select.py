@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.evaluate import to_device
 from lorakit.methods.lora import LoraLayer
 
 

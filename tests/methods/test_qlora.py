@@ -29,15 +29,6 @@ QUIET = Console(quiet=True)
 CFG = {"name": "qlora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is ~100x faster than two on a loaded machine (OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("qlora_llama")
