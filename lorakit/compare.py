@@ -14,7 +14,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lorakit.config import load_recipe
+from lorakit.config import load_recipe, recipe_to_dict
+from lorakit.errors import LorakitError
+from lorakit.train import checkpoint as ckpt
 from lorakit.train.run import run_training
 
 METRICS = ("accuracy", "macro_f1", "eval_loss", "perplexity")
@@ -26,13 +28,22 @@ def compare(recipes: list[Path], overrides: list[str], console: Console) -> list
     Raises RecipeError for an invalid recipe before anything trains (all are validated first).
     """
     resolved = [(path, load_recipe(path, overrides)) for path in recipes]
+    dirs = [recipe.output_dir for _, recipe in resolved]
+    for (path, recipe), out_dir in zip(resolved, dirs):
+        if dirs.count(out_dir) > 1:
+            raise LorakitError(f"{path}: output_dir {out_dir} is shared with another recipe; each needs its own")
     rows = []
     for path, recipe in resolved:
         summary_file = Path(recipe.output_dir) / "summary.json"
-        if not summary_file.is_file():
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        if "after" in summary and summary.get("recipe") != recipe_to_dict(recipe):
+            raise LorakitError(f"{path}: {recipe.output_dir} holds a finished run of another recipe; "
+                               "remove it or choose another output_dir")
+        if "after" not in summary:
             console.rule(f"{path} ({recipe.method.name})")
-            run_training(path, overrides, resume=(Path(recipe.output_dir) / "checkpoints").is_dir(), console=console)
-        summary = json.loads(summary_file.read_text())
+            run_training(path, overrides, resume=ckpt.latest_checkpoint(Path(recipe.output_dir)) is not None,
+                         console=console)
+            summary = json.loads(summary_file.read_text())
         rows.append({"recipe": str(path), "method": recipe.method.name, "output_dir": recipe.output_dir,
                      "trainable_parameters": summary["trainable_parameters"],
                      "seconds_per_step": summary.get("seconds_per_step"),

@@ -80,6 +80,11 @@ class TrainConfig(Section):
     save_every: int | None = Field(None, gt=0)
     log_every: int = Field(1, gt=0)
     num_samples: int = Field(3, ge=0)
+    # speed levers (lorakit.fast; docs/benchmarks.md): causal-LM loss without full logits, fused kernels
+    cross_entropy: Literal["auto", "chunked", "liger", "full"] = "auto"
+    kernels: Literal["auto", "liger", "none"] = "auto"
+    compile: bool = False
+    optimizer: Literal["auto", "adamw", "paged_adamw"] = "auto"  # auto: paged AdamW over a k-bit base on CUDA
 
 
 class Recipe(Section):
@@ -97,7 +102,9 @@ class Recipe(Section):
         if isinstance(value, MethodConfig):
             return value
         if not isinstance(value, dict):
-            raise ValueError("expected a mapping with at least `name`")
+            raise ValueError("expected a mapping with at least `name`, e.g. {name: lora, r: 8}")
+        if not isinstance(value.get("name", "lora"), str):
+            raise ValueError("method.name must be a method name; see lorakit list-methods")
         method_cls = get_method_class(value.get("name", "lora"))
         return method_cls.config_class.model_validate(value)
 
@@ -111,7 +118,11 @@ class Recipe(Section):
         if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
             return data
         method = data.get("method", {})
+        if not isinstance(method, (dict, MethodConfig)) and method is not None:
+            return data  # the method field's own validation reports it
         name = method.name if isinstance(method, MethodConfig) else (method or {}).get("name", "lora")
+        if not isinstance(name, str):
+            return data
         try:
             default = get_method_class(name).default_quantization
         except (RecipeError, TypeError):

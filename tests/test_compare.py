@@ -1,8 +1,12 @@
 import json
 
+import pytest
+
 from rich.console import Console
 
 from lorakit import compare as cmp
+from lorakit.config import load_recipe, recipe_to_dict
+from lorakit.errors import LorakitError
 
 
 def test_compare_trains_unfinished_runs_only(tmp_path, monkeypatch):
@@ -16,7 +20,8 @@ def test_compare_trains_unfinished_runs_only(tmp_path, monkeypatch):
     def fake_run(path, overrides, resume, console):
         out = tmp_path / path.stem
         out.mkdir()
-        (out / "summary.json").write_text(json.dumps({
+        recipe = recipe_to_dict(load_recipe(path, overrides))
+        (out / "summary.json").write_text(json.dumps({"recipe": recipe,
             "trainable_parameters": 10, "seconds_per_step": 0.5, "after": {"eval_loss": 1.5, "perplexity": 4.48}}))
         trained.append(path.stem)
 
@@ -27,3 +32,14 @@ def test_compare_trains_unfinished_runs_only(tmp_path, monkeypatch):
     assert trained == ["lora", "dora"]
     md = cmp.markdown(rows)
     assert "| lora |" in md and "1.5000" in md and "perplexity" in md
+    with pytest.raises(LorakitError, match="holds a finished run of another recipe"):
+        cmp.compare(recipes, ["train.max_steps=7"], Console(quiet=True))  # stale numbers are never reused
+
+
+def test_compare_rejects_a_shared_output_dir(tmp_path):
+    paths = []
+    for name in ("lora", "dora"):
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(f"method: {{name: {name}}}\n")
+    with pytest.raises(LorakitError, match="shared with another recipe"):
+        cmp.compare(paths, [], Console(quiet=True))

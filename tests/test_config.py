@@ -27,6 +27,8 @@ def test_defaults_and_overrides(tmp_path):
     ("modle:\n  name_or_path: x\n", r"unknown field `modle` \(did you mean `model`\?\)"),
     ("- a\n- b\n", r"expected a mapping"),
     ("a: [\n", r"not valid YAML"),
+    ("method: lora\n", r"method = 'lora' is invalid: expected a mapping"),
+    ("method: {name: [x]}\n", r"method.name must be a method name"),
 ])
 def test_errors_name_the_field(tmp_path, text, pattern):
     with pytest.raises(RecipeError, match=pattern) as info:

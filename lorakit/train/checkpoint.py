@@ -57,10 +57,15 @@ def load_adapter_weights(model: nn.Module, path: Path) -> None:
     """Load ``adapter.safetensors`` into a model that already carries the adapter layers.
 
     Raises:
-        LorakitError: a stored tensor has no place in the model, or its shape differs.
+        LorakitError: a stored tensor has no place in the model, its shape differs, or an adapter
+            tensor of the model is missing from the file (it would silently keep its initial value).
     """
     tensors = load_file(str(path))
     own = model.state_dict()
+    missing = sorted(set(adapter_state_dict(model)) - set(tensors))
+    if missing:
+        raise LorakitError(f"{path}: no tensor for {missing[0]} ({len(missing)} missing; was the adapter "
+                           "trained with other target_modules or another method?)")
     for key, tensor in tensors.items():
         if key not in own:
             raise LorakitError(f"{path}: tensor {key} has no place in this model (was it trained on another base or method?)")

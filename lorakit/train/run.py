@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lorakit.config import load_recipe
+from lorakit.config import load_recipe, recipe_to_dict
 from lorakit.errors import LorakitError
 from lorakit.evaluate import generate_samples
 from lorakit.session import build_session, parameter_table
@@ -31,6 +31,42 @@ def _samples(session, console: Console, title: str) -> None:
         console.print(f"  [cyan]Q:[/] {question}\n  [green]A:[/] {answer}", highlight=False)
 
 
+# Fields a resumed run may change: they do not alter the batches, the optimizer or the schedule seen so far.
+RESUMABLE_CHANGES = {"train.max_steps", "train.num_epochs", "train.eval_every", "train.save_every",
+                     "train.log_every", "train.num_samples", "train.eval_batch_size"}
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(saved: dict, current: dict, checkpoint: Path) -> None:
+    """Refuse a resume whose recipe differs from the checkpoint's beyond ``RESUMABLE_CHANGES``.
+
+    Raises LorakitError naming the first differing field and both values.
+    """
+    old, new = _flatten(saved), _flatten(current)
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+            raise LorakitError(
+                f"--resume: {key} is {new.get(key)!r} here but {old.get(key)!r} in {checkpoint}/recipe.yaml; "
+                f"a resumed run may change only {', '.join(sorted(RESUMABLE_CHANGES))}"
+            )
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metrics logged after ``step`` (by a run that stopped after its last checkpoint)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        ckpt.write_atomic_text(path, "".join(line + "\n" for line in lines))
+
+
 def run_training(recipe_path: Path, overrides: list[str], resume: bool, console: Console) -> dict:
     """Validate the recipe, train, and write the run folder. Returns the final metrics.
 
@@ -46,8 +82,11 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
     if resume:
         if latest is None:
             raise LorakitError(f"--resume: output_dir {run_dir} has no checkpoint to resume from")
-        _, method_state = ckpt.read_checkpoint_meta(latest)
-    elif latest is not None or (run_dir / "final").exists():
+        saved_recipe, method_state = ckpt.read_checkpoint_meta(latest)
+        check_resumable(saved_recipe, recipe_to_dict(recipe), latest)
+        step = json.loads((latest / "trainer.json").read_text())["step"]
+        keep_metrics_until(run_dir / "metrics.jsonl", step)
+    elif any((run_dir / name).exists() for name in ("checkpoints", "final", "metrics.jsonl", "summary.json")):
         raise LorakitError(
             f"output_dir {run_dir} already holds a run; pass --resume to continue it, or choose another "
             f"output_dir (e.g. output_dir={run_dir}-2)"
@@ -60,17 +99,20 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
                       session.device, console)
     run_dir.mkdir(parents=True, exist_ok=True)
     before = None
+    if resume and (run_dir / "summary.json").is_file():
+        before = json.loads((run_dir / "summary.json").read_text()).get("before")
     if not resume:
         before = trainer.evaluate()
+        ckpt.write_atomic_text(run_dir / "summary.json", json.dumps({"before": before}, indent=1))
         console.print(f"before training: {_summary_line(before)}")
         _samples(session, console, "samples before training")
-    start_step, t0 = trainer.step if not resume else None, time.perf_counter()
+    start_step, t0 = (step if resume else 0), time.perf_counter()
     after = trainer.train(resume_from=latest if resume else None)
     seconds = time.perf_counter() - t0
     console.print(f"after training:  {_summary_line(after)}")
     _samples(session, console, "samples after training")
-    steps_run = trainer.step - (start_step or 0) if start_step is not None else None
-    summary = {"method": recipe.method.name, "before": before, "after": after, "steps": trainer.step,
+    steps_run = trainer.step - start_step
+    summary = {"method": recipe.method.name, "recipe": recipe_to_dict(recipe), "before": before, "after": after, "steps": trainer.step,
                "train_seconds": seconds,
                "seconds_per_step": seconds / steps_run if steps_run else None,
                "trainable_parameters": sum(p.numel() for p in session.model.parameters() if p.requires_grad)}

@@ -14,11 +14,12 @@ from tests.conftest import TINY_MODELS, tiny_inputs
 TASK = {"llama": "causal_lm", "gpt2": "causal_lm", "bert": "seq_cls"}
 
 
-def make(kind: str, method_cfg: dict, seed: int = 0):
-    """(model, method) with the method attached to a tiny model of ``kind``."""
+def make(kind: str, method_cfg: dict, seed: int = 0, adapter_seed: int | None = None):
+    """(model, method) with the method attached to a tiny model of ``kind`` (base weights from ``seed``,
+    adapter initialization from ``adapter_seed``, default seed + 100)."""
     cfg = recipe_from_dict({"method": method_cfg}).method
     model = TINY_MODELS[kind](seed)
-    torch.manual_seed(seed + 100)
+    torch.manual_seed(seed + 100 if adapter_seed is None else adapter_seed)
     method = build_method(cfg)
     method.attach(model, TASK[kind])
     return model, method
@@ -79,7 +80,7 @@ def check_checkpoint_roundtrip(kind: str, method_cfg: dict, tmp_path) -> None:
     randomize_adapters(model)
     save_file(adapter_state_dict(model), str(tmp_path / "a.safetensors"))
     state = method.state_dict()
-    fresh, fresh_method = make(kind, method_cfg, seed=0)
+    fresh, fresh_method = make(kind, method_cfg, adapter_seed=7)  # other random init: everything must load
     fresh_method.load_state_dict(state)
     load_adapter_weights(fresh, tmp_path / "a.safetensors")
     torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=0)
