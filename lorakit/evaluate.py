@@ -30,19 +30,31 @@ def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> floa
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device: torch.device) -> dict:
+def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device: torch.device,
+                   cross_entropy: str = "full") -> dict:
     """Metrics over all ``batches`` (collated dicts with ``labels``).
 
     Causal LM: ``eval_loss`` = mean cross-entropy (nats) over label tokens (labels ≠ -100, shifted by
     one), ``perplexity`` = exp(eval_loss), ``eval_tokens``. Classification: ``eval_loss``, ``accuracy``,
-    ``macro_f1``, ``eval_examples``.
+    ``macro_f1``, ``eval_examples``. ``cross_entropy`` (``chunked`` / ``liger``, see
+    :mod:`lorakit.fast.cross_entropy`) sums the causal-LM loss without full-vocabulary logits where the
+    model allows it; ``full`` always computes the logits.
     """
+    from lorakit.fast.cross_entropy import causal_lm_loss
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     preds, golds = [], []
     for batch in batches:
         batch = to_device(batch, device)
+        if task != "seq_cls" and cross_entropy != "full":
+            with autocast(device):
+                summed = causal_lm_loss(model, batch, 1, cross_entropy)  # Σ CE over label tokens
+            if summed is not None:
+                total += summed.item()
+                count += (batch["labels"][:, 1:] != -100).sum().item()
+                continue
         labels = batch.pop("labels")
         with autocast(device):
             logits = model(**batch).logits.float()

@@ -24,6 +24,11 @@ writes this layer's base weight. W0Aᵀ ``(out, r)`` is the base layer applied t
 bias, so a 4-bit base is never dequantized; AAᵀ is ``(r, r)``. On a bf16/fp16 base W0Aᵀ is computed in
 the base's dtype (A cast to it) and then accumulated in fp32.
 
+Speed (dropout inactive, dtypes as :func:`lorakit.fast.ops.can_fuse` requires): t = W0x + b + s·BAx comes
+from one ``addmm`` onto the base output and σ ⊙ (t − b) + b from :class:`lorakit.fast.ops.DoraScale`,
+which saves t in its own dtype (no fp32 copies of full-width activations); equal to the plain
+formula up to rounding (tests/fast/test_ops.py states the tolerance).
+
 Merge: W' = (m/n) ⊙_row (W0 + s·BA), the product in fp32 and cast once; the bias is unchanged.
 With ``loraplus_lr_ratio`` λ, m is 1-D and lands in the λ·lr group without weight decay (as in PEFT).
 """
@@ -34,6 +39,7 @@ import torch
 from torch import nn
 
 from lorakit.config import MethodConfig
+from lorakit.fast.ops import can_fuse, dora_scale, lora_into
 from lorakit.methods import register
 from lorakit.methods.base import Method, base_weight
 from lorakit.methods.lora import LoraLayer, adapter_input
@@ -91,8 +97,12 @@ class DoraLayer(LoraLayer):
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         scale = self.magnitude.float() / self.weight_norm()  # (out,): gradient reaches m only
+        dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        if not dropout_active and can_fuse(x, base_out, self.lora_A.weight):
+            t = lora_into(base_out, x, self.lora_A.weight, self.lora_B.weight, self.scaling)  # W0x + b + s·BAx
+            return dora_scale(t, scale, getattr(self.base_layer, "bias", None))
         bias = self._bias()
-        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+        if dropout_active:
             x_drop = self.lora_dropout(x)
             lora = self.lora_B(self.lora_A(adapter_input(x_drop, self.lora_A.weight))) * self.scaling
             base_drop = self.base_layer(x_drop).float() - bias  # W0 x̃

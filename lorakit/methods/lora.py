@@ -5,6 +5,10 @@
 Shapes: x ``(..., in)``, ``lora_A.weight`` A ``(r, in)`` Kaiming-uniform (a=√5, i.e. U(±1/√in)),
 ``lora_B.weight`` B ``(out, r)`` zeros, so the adapter is a no-op at init. W0 and b stay frozen.
 Merge: W ← W0 + s·BA, the product in fp32 and cast once. Trainable parameters per layer: r·(in + out).
+
+Speed: unless a subclass overrides :meth:`LoraLayer.lora_output`, the branch is added to the base output
+by one ``addmm`` (:func:`lorakit.fast.ops.lora_into`: the GEMM epilogue applies s and adds), when the
+dtypes allow it (:func:`lorakit.fast.ops.can_fuse`); the result equals the plain path up to rounding.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from torch import nn
 
 from lorakit.config import MethodConfig
+from lorakit.fast.ops import can_fuse, lora_into
 from lorakit.methods import register
 from lorakit.methods.base import AdapterLayer, Method, kaiming_uniform_
 
@@ -47,6 +52,8 @@ class LoraLayer(AdapterLayer):
         return self.lora_B(self.lora_A(x)) * self.scaling
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if type(self).lora_output is LoraLayer.lora_output and can_fuse(x, base_out, self.lora_A.weight):
+            return lora_into(base_out, self.lora_dropout(x), self.lora_A.weight, self.lora_B.weight, self.scaling)
         return base_out + self.lora_output(x).to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

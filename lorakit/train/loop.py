@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lorakit.config import recipe_to_dict
 from lorakit.evaluate import autocast, evaluate_model, to_device
+from lorakit.fast import accelerate, causal_lm_loss, resolve_cross_entropy
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.optim import build_optimizer, build_scheduler
 
@@ -86,6 +87,8 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
         self.steps_per_epoch = steps_per_epoch
         self.step = 0
+        self.cross_entropy = resolve_cross_entropy(cfg.cross_entropy, device)  # lorakit.fast
+        self.levers = accelerate(model, cfg, device)  # liger kernels / torch.compile, as the recipe asks
 
     # ---- pieces ---------------------------------------------------------------------------------
     def loss(self, batch: dict, num_items: int | None = None) -> torch.Tensor:
@@ -96,6 +99,10 @@ class Trainer:
             if self.task == "seq_cls":
                 logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
                 return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum") / items
+            if self.cross_entropy != "full":  # chunked linear + CE: no full-vocabulary logits
+                loss = causal_lm_loss(self.model, batch, items, self.cross_entropy)
+                if loss is not None:
+                    return loss
             # use_cache=False: a cache would make packed rows attend across examples (see lorakit.data).
             return self.model(**batch, num_items_in_batch=items, use_cache=False).loss
 
@@ -104,7 +111,7 @@ class Trainer:
 
         def run_eval() -> dict:
             batches = iterate_batches(self.data.eval, self.data.collate, bs, seed=None)
-            return evaluate_model(self.model, batches, self.task, self.device)
+            return evaluate_model(self.model, batches, self.task, self.device, self.cross_entropy)
 
         return self.method.evaluate(run_eval, **options)
 
@@ -133,6 +140,36 @@ class Trainer:
             self.console.print(f"[yellow]warning:[/] no PEFT copy in {folder}: {err}")
 
     # ---- the loop -------------------------------------------------------------------------------
+    def make_optimizer(self):
+        """(optimizer, scheduler) over the method's parameter groups, as ``train`` uses them."""
+        cfg = self.recipe.train
+        paged = cfg.optimizer == "paged_adamw" or (cfg.optimizer == "auto" and self.recipe.model.quantization is not None)
+        optimizer = build_optimizer(self.method.param_groups(self.model, cfg), cfg, self.device, quantized=paged)
+        scheduler = build_scheduler(optimizer, cfg.lr_scheduler, self.total_steps, int(cfg.warmup_ratio * self.total_steps))
+        return optimizer, scheduler
+
+    def optimizer_step(self, batches: list[dict], optimizer, scheduler) -> tuple[float, float | None]:
+        """One optimizer step over the micro-batches ``batches`` (the method's hooks included); advances
+        ``self.step``. Returns (summed loss, gradient norm before clipping or None)."""
+        cfg = self.recipe.train
+        self.method.before_step(self.step)
+        items = sum(count_loss_items(b, self.task) for b in batches)
+        loss_value = 0.0
+        for batch in batches:
+            loss = self.loss(batch, num_items=items)
+            loss.backward()
+            loss_value += loss.item()
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            trainable = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
+        optimizer.step()
+        self.method.after_optimizer_step(self.step, optimizer)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_value, grad_norm
+
     def train(self, resume_from: Path | None = None) -> dict:
         """Train to ``total_steps``; returns the final eval metrics. Writes metrics.jsonl, checkpoints."""
         cfg = self.recipe.train
@@ -140,10 +177,7 @@ class Trainer:
         if resume_from is None:
             self.method.prepare(self.context())
         self.model.train()
-        optimizer = build_optimizer(self.method.param_groups(self.model, cfg), cfg, self.device,
-                                    quantized=self.recipe.model.quantization is not None)
-        warmup = int(cfg.warmup_ratio * self.total_steps)
-        scheduler = build_scheduler(optimizer, cfg.lr_scheduler, self.total_steps, warmup)
+        optimizer, scheduler = self.make_optimizer()
         if resume_from is not None:
             state = ckpt.load_trainer_state(resume_from)
             optimizer.load_state_dict(state["optimizer"])
@@ -151,7 +185,6 @@ class Trainer:
             ckpt.restore_rng(state["rng"])
             self.step = json.loads((resume_from / "trainer.json").read_text())["step"]
             self.console.print(f"Resuming from {resume_from} at step {self.step}")
-        trainable = [p for g in optimizer.param_groups for p in g["params"]]
         accum = cfg.gradient_accumulation_steps
         progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -162,23 +195,9 @@ class Trainer:
             bar = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
             t0, tokens_since = time.perf_counter(), 0
             while self.step < self.total_steps:
-                self.method.before_step(self.step)
                 batches = [self.micro[self.step * accum + i] for i in range(accum)]
-                items = sum(count_loss_items(b, self.task) for b in batches)
-                loss_value = 0.0
-                for batch in batches:
-                    tokens_since += int(batch["input_ids"].numel())
-                    loss = self.loss(batch, num_items=items)
-                    loss.backward()
-                    loss_value += loss.item()
-                grad_norm = None
-                if cfg.max_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
-                optimizer.step()
-                self.method.after_optimizer_step(self.step, optimizer)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.step += 1
+                tokens_since += sum(int(b["input_ids"].numel()) for b in batches)
+                loss_value, grad_norm = self.optimizer_step(batches, optimizer, scheduler)
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(
                         f"loss became {loss_value} at step {self.step}; lower train.learning_rate or use "

@@ -33,7 +33,8 @@ def _samples(session, console: Console, title: str) -> None:
 
 # Fields a resumed run may change: they do not alter the batches, the optimizer or the schedule seen so far.
 RESUMABLE_CHANGES = {"train.max_steps", "train.num_epochs", "train.eval_every", "train.save_every",
-                     "train.log_every", "train.num_samples", "train.eval_batch_size"}
+                     "train.log_every", "train.num_samples", "train.eval_batch_size",
+                     "train.cross_entropy", "train.kernels", "train.compile"}  # the last three: speed only
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

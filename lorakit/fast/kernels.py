@@ -1,0 +1,101 @@
+"""Model-level speed-ups applied by the trainer: liger-kernel's RMSNorm and SwiGLU, ``torch.compile``.
+
+- ``train.kernels`` (``auto``: on CUDA when ``liger_kernel`` imports; ``liger``; ``none``): every
+  RMSNorm of a Llama-style model (Llama, Mistral, Qwen2/3) gets liger's Triton RMSNorm ("llama"
+  casting: inverse RMS in fp32, as transformers), which saves its input and 1/rms instead of fp32
+  copies; every SwiGLU MLP (``gate_proj``/``up_proj``/``down_proj`` with SiLU) computes
+  ``silu(gate) * up`` in one kernel that saves only the two projections and recomputes the rest.
+  The patch replaces the ``forward`` of those module instances only (no global monkey-patching), so
+  adapter layers inside the MLP keep working. Note: liger's SwiGLU backward overwrites its saved
+  inputs (the gate/up outputs) with their gradients, so an adapter layer must not save its own output
+  for its backward pass (none in lorakit does).
+- ``train.compile``: ``torch.compile`` each decoder layer (opt-in; compile time is paid at the first
+  steps, see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def liger_kernels_available() -> bool:
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction  # noqa: F401
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction  # noqa: F401
+    except Exception:  # ImportError, Triton without a GPU, ...
+        return False
+    return True
+
+
+def _rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    return LigerRMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama", False)
+
+
+def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_swiglu(module: nn.Module) -> bool:
+    act = getattr(module, "act_fn", None)
+    return (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+            and type(act).__name__ in ("SiLU", "SiLUActivation"))
+
+
+def apply_liger(model: nn.Module) -> list[str]:
+    """Patch RMSNorm and SwiGLU modules of a Llama-style ``model`` in place; returns what was patched
+    (``["rms_norm×N", "swiglu×M"]``), empty for other architectures."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in LLAMA_STYLE:
+        return []
+    norms = mlps = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_forward, module)
+            norms += 1
+        elif _is_swiglu(module):
+            module.forward = types.MethodType(_swiglu_forward, module)
+            mlps += 1
+    return [f"liger rms_norm×{norms}"] * bool(norms) + [f"liger swiglu×{mlps}"] * bool(mlps)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    backbone = getattr(model, getattr(model, "base_model_prefix", "") or "-", None)
+    for holder in (backbone, model):
+        layers = getattr(holder, "layers", None) or getattr(holder, "h", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    return None
+
+
+def compile_layers(model: nn.Module) -> list[str]:
+    """``torch.compile`` every decoder layer in place; returns ``["compile×N"]`` or [] if none found."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return []
+    for layer in layers:
+        layer.compile()
+    return [f"compile×{len(layers)}"]
+
+
+def accelerate(model: nn.Module, train, device: torch.device) -> list[str]:
+    """Apply the recipe's model-level levers (``train.kernels``, ``train.compile``); returns their names."""
+    applied: list[str] = []
+    # torch.compile fuses norms and activations itself and cannot trace liger's Triton kernels
+    use_liger = train.kernels == "liger" or (train.kernels == "auto" and device.type == "cuda" and not train.compile)
+    if use_liger and liger_kernels_available():
+        applied += apply_liger(model)
+    elif train.kernels == "liger":
+        from lorakit.errors import LorakitError
+
+        raise LorakitError("train.kernels liger: liger-kernel is not installed (pip install liger-kernel; needs CUDA)")
+    if train.compile:
+        applied += compile_layers(model)
+    return applied

@@ -1,0 +1,623 @@
+"""lorakit vs PEFT, one process, back to back: tokens/s, peak memory, MFU; largest batch in 80 GiB.
+
+GPU (default when CUDA is there): random-weight models from the public Qwen2.5-0.5B and Llama-3.2-1B
+configs (below, no hub), bf16, SDPA attention, batch 8 × 1024 random tokens, r = 16 / alpha 32 /
+dropout 0 on all seven projections (VeRA: r = 256 on q_proj, v_proj), AdamW lr 1e-4, no weight
+decay, gradient clipping 1.0. lorakit runs its own training step (``Trainer.optimizer_step``: the
+trainer's loss under bf16 autocast, the method's parameter groups and hooks, fused AdamW; paged AdamW
+for QLoRA); PEFT 0.x runs a plain PyTorch loop (bf16 model, no autocast, torch AdamW, PEFT defaults:
+fp32 adapter weights). QLoRA: both over the same NF4 (double-quant, bf16 compute) base, quantized here
+with bitsandbytes; PEFT's model is not passed through ``prepare_model_for_kbit_training`` (it would
+cast the whole model to fp32).
+CPU (``--device cpu``): the real SmolLM2-135M-Instruct (``lorakit.models.load_model``), fp32, batch 2 × 128.
+
+FLOPs per token (MFU column): 4·N_frozen (forward 2·N plus input gradients 2·N; frozen weights get no
+weight gradient; N counts every frozen matmul weight incl. the LM head) + attention 3·(2·T·d_q·L)
+(causal QKᵀ and PV forward, backward counted as 2× forward); adapter matmuls are not counted.
+MFU = FLOPs/s over the bf16 GEMM rate measured on the device in the same run (8192³).
+
+Usage: python scripts/bench_gpu.py [--device cuda|cpu] [--shapes ...] [--methods ...] [--variants eager compile]
+       [--steps N] [--no-levers] [--no-max-batch] [--no-track] [--out results.json]
+       python scripts/bench_gpu.py --plot results.json out.png | --merge a.json b.json --out c.json
+       python scripts/bench_gpu.py --profile qwen2.5-0.5b:lora ... (torch.profiler: wall vs GPU kernel time)
+Results and the levers measured: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+from torch import nn
+
+GIB = 2**30
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {  # public config.json values (Qwen/Qwen2.5-0.5B, meta-llama/Llama-3.2-1B)
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                         tie_word_embeddings=True, use_sliding_window=False, sliding_window=32768,
+                         max_window_layers=24, hidden_act="silu", attention_dropout=0.0),
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                         tie_word_embeddings=True, attention_bias=False, mlp_bias=False, hidden_act="silu"),
+}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512}
+SHAPES["tiny-qwen"] = {**SHAPES["qwen2.5-0.5b"], **TINY}  # smoke tests of this script
+SHAPES["tiny-llama"] = {**SHAPES["llama-3.2-1b"], **TINY, "head_dim": 16}
+LORAKIT = ["lora", "dora", "qlora", "vera", "lora_fa", "dylora", "delta_lora", "lora_drop"]
+PEFT = ["peft-lora", "peft-dora", "peft-qlora", "peft-vera"]
+PAIR = {"lora": "peft-lora", "dora": "peft-dora", "qlora": "peft-qlora", "vera": "peft-vera",
+        "lora [dropout 0.05]": "peft-lora [dropout 0.05]"}
+
+
+# ---- models -------------------------------------------------------------------------------------
+def build_model(shape: str, device: torch.device, quantized: bool = False):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if shape == "smollm2":
+        from lorakit.config import ModelConfig
+        from lorakit.models import load_model
+
+        return load_model(ModelConfig(name_or_path="smollm2-135m-instruct", quantization="nf4" if quantized else None))
+    spec = dict(SHAPES[shape])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return quantize_nf4(model, device) if quantized else model
+
+
+def quantize_nf4(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every linear layer but the LM head → bitsandbytes Linear4bit (NF4, double quant, bf16 compute)."""
+    import bitsandbytes as bnb
+
+    from lorakit.inject import head_names, replace_module
+
+    heads = head_names(model)
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Linear and name not in heads:
+            q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                  compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                  device="meta")
+            q.weight = bnb.nn.Params4bit(mod.weight.data.cpu(), requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4").to(device)
+            if mod.bias is not None:
+                q.bias = nn.Parameter(mod.bias.data, requires_grad=False)
+            replace_module(model, name, q)
+    with contextlib.suppress(AttributeError):
+        model.is_loaded_in_4bit = True  # what PEFT reads to wrap Linear4bit layers
+    return model
+
+
+def flops_per_token(model: nn.Module, seq: int) -> float:
+    """4·N_frozen + 3·(2·T·d_q·L) (see the module docstring)."""
+    from lorakit.methods.base import AdapterLayer, layer_shape
+
+    adapter = ("lora_A", "lora_B", "vera_")  # adapter matmuls (lorakit and PEFT names) are not counted
+    n = sum(math.prod(layer_shape(m)) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not isinstance(m, AdapterLayer) and not any(a in name for a in adapter))
+    cfg = model.config
+    d_q = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    return 4 * n + 3 * 2 * seq * d_q * cfg.num_hidden_layers
+
+
+# ---- one configuration --------------------------------------------------------------------------
+class FakeData:
+    def __init__(self, batch):
+        self.train, self.eval, self.collate = [0] * batch["input_ids"].shape[0], [], lambda rows: batch
+
+
+def lorakit_setup(shape, name, device, batch, train=None, method=None, grad_ckpt=False):
+    from rich.console import Console
+
+    from lorakit.config import recipe_from_dict
+    from lorakit.methods import build_method
+    from lorakit.quant import prepare_kbit_model
+    from lorakit.train.loop import Trainer
+
+    m = {"name": name, "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": SEVEN}
+    if name == "vera":
+        m.update(r=256, target_modules=["q_proj", "v_proj"])
+    if name == "delta_lora":
+        m["delta_start_step"] = 0  # the W update is on from the first step on
+    m.update(method or {})
+    quant = name == "qlora"
+    recipe = recipe_from_dict({
+        "model": {"quantization": "nf4" if quant else None, "gradient_checkpointing": grad_ckpt},
+        "method": m,
+        "train": {"learning_rate": 1e-4, "batch_size": batch["input_ids"].shape[0], "max_steps": 10**6,
+                  "lr_scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0, **(train or {})},
+        "output_dir": "/tmp/bench-gpu-run"})
+    model = build_model(shape, device, quant)
+    adapter = build_method(recipe.method)
+    if quant:
+        prepare_kbit_model(model)
+    adapter.attach(model, "causal_lm")
+    if name == "lora_drop":  # a made-up selection: keep the modules of even layers, share the rest
+        from lorakit.methods.lora_drop_select import shape_groups
+
+        kept = [n for n in adapter.layers if int(n.split("layers.")[1].split(".")[0]) % 2 == 0]
+        adapter.apply_selection({"kept": kept, "shared_groups": shape_groups(adapter.layers, kept)})
+    model.to(device) if not quant else None
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    trainer = Trainer(model, None, adapter, FakeData(batch), recipe, device, Console(quiet=True))
+    optimizer, scheduler = trainer.make_optimizer()
+    return model, lambda b: trainer.optimizer_step([b], optimizer, scheduler)[0], trainer.levers
+
+
+def peft_setup(shape, name, device, batch, dropout=0.0, autocast=False):
+    from peft import LoraConfig, VeraConfig, get_peft_model
+
+    kind = name.removeprefix("peft-")
+    model = build_model(shape, device, kind == "qlora")
+    if kind == "vera":
+        cfg = VeraConfig(r=256, target_modules=["q_proj", "v_proj"], vera_dropout=dropout, d_initial=0.1)
+    else:
+        cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=SEVEN,
+                         use_dora=kind == "dora", task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    model.to(device) if kind != "qlora" else None
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+    def step(b):
+        b = {k: v.to(device) for k, v in b.items()}
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            loss = model(**b, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return model, step, []
+
+
+class RssPeak:
+    """Peak resident set (CPU) sampled every 2 ms above the level at start."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self.done = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self.done:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.done = True
+        self.thread.join()
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def random_batch(vocab, batch, seq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def run_one(args, shape, label, setup, device, vocab):
+    batch = random_batch(vocab, args.batch, args.seq)
+    free()
+    cuda = device.type == "cuda"
+    rss = RssPeak() if not cuda else contextlib.nullcontext()
+    t_setup = time.perf_counter()
+    with rss:
+        model, step, levers = setup(batch)
+        setup_s = time.perf_counter() - t_setup
+        fpt = flops_per_token(model, args.seq)
+        for _ in range(args.warmup):
+            step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses = [step(batch) for _ in range(args.steps)]
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / GIB if cuda else (rss.peak - rss.base) / GIB
+    tps = args.steps * args.batch * args.seq / elapsed
+    row = {"shape": shape, "method": label, "tokens_per_s": tps, "peak_gib": peak, "tflops": tps * fpt / 1e12,
+           "flops_per_token": fpt, "loss": losses[-1], "setup_s": setup_s, "levers": levers}
+    del model, step
+    free()
+    return row
+
+
+# ---- extras: max batch, loss tracking, GEMM peak ---------------------------------------------------
+def max_batch(args, shape, setup, device, vocab, cap_gib=80.0, limit=512):
+    """Largest batch (sequences of ``args.seq``) whose training step fits under ``cap_gib``."""
+    free()
+    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), index)
+    model, step, _ = setup(random_batch(vocab, 1, args.seq))
+
+    def fits(b):
+        ok = True
+        try:
+            step(random_batch(vocab, b, args.seq))
+            torch.cuda.synchronize()
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not any(k in str(err).lower() for k in ("out of memory", "alloc_failed")):
+                raise
+            ok = False
+        for p in model.parameters():  # a step cut short leaves partial gradients
+            p.grad = None
+        free()
+        print(f"    batch {b}: {'fits' if ok else 'OOM'}", flush=True)
+        return ok
+
+    lo, hi = 0, None
+    b = 8
+    while hi is None and b <= limit:
+        lo, hi, b = (b, None, b * 2) if fits(b) else (lo, b, b)
+    hi = hi or limit * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    del model, step
+    free()
+    torch.cuda.set_per_process_memory_fraction(1.0, index)
+    return lo * args.seq
+
+
+def track_losses(args, shape, device, vocab, steps=50, lr=1e-3):
+    """lorakit's fast path vs a PEFT fp32-adapter reference from the same initial A/B, 50 steps over 4
+    repeated batches (lr 1e-3, constant): returns both loss lists."""
+    batches = [random_batch(vocab, args.batch, args.seq, seed=s) for s in range(4)]
+    model, step, _ = lorakit_setup(shape, "lora", device, batches[0], train={"learning_rate": lr})
+    init = {n.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"):
+            p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    fast = [step(batches[i % 4]) for i in range(steps)]
+    del model, step
+    free()
+    ref_model, _, _ = peft_setup(shape, "peft-lora", device, batches[0])
+    named = dict(ref_model.named_parameters())
+    with torch.no_grad():
+        for n, t in init.items():
+            named["base_model.model." + n].copy_(t)
+    params = [p for p in ref_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ref = []
+    for i in range(steps):
+        b = {k: v.to(device) for k, v in batches[i % 4].items()}
+        loss = ref_model(**b, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref.append(loss.item())
+    del ref_model, opt
+    free()
+    return fast, ref
+
+
+def profile_steps(args, shape, label, setup, device, vocab, out_dir):
+    """Wall time vs summed GPU kernel time of 2 steps (torch.profiler); top ops to ``out_dir``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = random_batch(vocab, args.batch, args.seq)
+    model, step, _ = setup(batch)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        step(batch)
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(2):
+            step(batch)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 2
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu = sum(e.device_time for e in kernels) / 2 / 1e6
+    avg = prof.key_averages()
+    name = f"{shape}-{label}".replace(" ", "_").replace("[", "").replace("]", "").replace("=", "-")
+    with open(os.path.join(out_dir, f"prof-{name}.txt"), "w") as f:
+        f.write(avg.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70))
+        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
+    print(f"PROFILE {shape} {label}: {wall * 1e3:.1f} ms/step wall, {gpu * 1e3:.1f} ms/step GPU kernels "
+          f"({len(kernels) // 2} kernels/step), warmup {warm:.1f} s", flush=True)
+    del model, step
+    free()
+
+
+def dora_selfcheck(device) -> dict:
+    """DoraScale (Triton on CUDA) against fp64: relative errors of y, ∂t and ∂scale."""
+    from lorakit.fast import triton_ops
+    from lorakit.fast.ops import dora_scale
+
+    g = torch.Generator(device=device).manual_seed(0)
+    t = torch.randn(4099, 1000, device=device, generator=g).bfloat16().requires_grad_()
+    scale = (torch.rand(1000, device=device, generator=g) + 0.5).requires_grad_()
+    bias = torch.randn(1000, device=device, generator=g).bfloat16()
+    y = dora_scale(t, scale, bias)
+    grad = torch.randn(y.shape, device=device, generator=g).bfloat16()
+    y.backward(grad)
+    t64, s64, b64, g64 = t.detach().double(), scale.detach().double(), bias.double(), grad.double()
+    rel = lambda a, b: float((a.double() - b).norm() / b.norm())
+    return {"triton": triton_ops.available(t), "y": rel(y.detach(), s64 * (t64 - b64) + b64),
+            "grad_t": rel(t.grad, g64 * s64), "grad_scale": rel(scale.grad, (g64 * (t64 - b64)).sum(0))}
+
+
+def gemm_tflops(device):
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+
+
+# ---- table and plot ------------------------------------------------------------------------------
+def table(rows, peak_tflops=None) -> str:
+    by = {(r["shape"], r["method"]): r for r in rows if "tokens_per_s" in r}
+    head = "| shape | method | tokens/s | peak GiB | MFU % | × PEFT speed | PEFT mem ratio | × own LoRA |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        if "tokens_per_s" not in r:
+            lines.append(f"| {r['shape']} | {r['method']} | failed: {r.get('error', '?')[:60]} | | | | | |")
+            continue
+        base, _, variant = r["method"].partition(" [")
+        ref = by.get((r["shape"], PAIR.get(r["method"]) or PAIR.get(base, "")))
+        own = by.get((r["shape"], "lora [" + variant)) if variant == "compile]" else by.get((r["shape"], "lora"))
+        mfu = f"{100 * r['tflops'] / peak_tflops:.1f}" if peak_tflops else f"{r['tflops'] * 1e3:.0f} GF/s"
+        x = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else ""
+        mem = f"{r['peak_gib'] / ref['peak_gib']:.2f}" if ref and ref["peak_gib"] > 0 else ""
+        lo = f"{r['tokens_per_s'] / own['tokens_per_s']:.2f}" if own and not r["method"].startswith("peft") else ""
+        lines.append(f"| {r['shape']} | {r['method']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {mfu} | {x} | {mem} | {lo} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    """Grouped bars per method and shape: PEFT, lorakit (recipe default), lorakit with train.compile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {(r["shape"], r["method"]): r for r in results["rows"] if "tokens_per_s" in r}
+    shapes = list(dict.fromkeys(s for s, _ in rows))
+    bars = (("PEFT", lambda m: PAIR.get(m), "tab:gray"), ("lorakit", lambda m: m, "tab:blue"),
+            ("lorakit + compile", lambda m: m + " [compile]", "navy"))
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(13, 3.8 * len(shapes)), squeeze=False)
+    for i, shape in enumerate(shapes):
+        for j, (key, title) in enumerate((("tokens_per_s", "tokens/s"), ("peak_gib", "peak GPU memory (GiB)"))):
+            ax = axes[i][j]
+            for k, (label, name, color) in enumerate(bars):
+                xs, ys = [], []
+                for x, m in enumerate(LORAKIT):
+                    r = rows.get((shape, name(m) or ""))
+                    if r:
+                        xs.append(x + (k - 1) * 0.27)
+                        ys.append(r[key])
+                ax.bar(xs, ys, width=0.27, color=color, label=label)
+            ax.set_xticks(range(len(LORAKIT)), LORAKIT, rotation=30)
+            ax.set_title(f"{shape}: {title}")
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{results['device']}, batch {results['batch']}x{results['seq']}, bf16, r=16 (VeRA r=256 on q,v)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# ---- main -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def no_fused_adapters():
+    """Measure the addmm / DoraScale lever: the layers take their plain path."""
+    import lorakit.methods.dora as dora
+    import lorakit.methods.lora as lora
+
+    saved = lora.can_fuse, dora.can_fuse
+    lora.can_fuse = dora.can_fuse = lambda *a: False
+    try:
+        yield
+    finally:
+        lora.can_fuse, dora.can_fuse = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", nargs="*")
+    ap.add_argument("--methods", nargs="*")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--no-levers", action="store_true")
+    ap.add_argument("--no-max-batch", action="store_true")
+    ap.add_argument("--no-track", action="store_true")
+    ap.add_argument("--variants", nargs="*", default=["eager"], choices=["eager", "compile"],
+                    help="lorakit runs: the recipe default (eager) and/or train.compile: true")
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds; optional parts are skipped past it")
+    ap.add_argument("--out", default="bench_gpu.json")
+    ap.add_argument("--profile", nargs="*", metavar="SHAPE:METHOD", help="profile these and exit")
+    ap.add_argument("--lever-runs", nargs="*", metavar="SHAPE:METHOD:KEY=VALUE,...",
+                    help="extra lorakit runs with train overrides, e.g. qwen2.5-0.5b:lora:compile=true")
+    ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge the rows of several runs into --out")
+    args = ap.parse_args()
+    if args.plot:
+        return plot(json.load(open(args.plot[0])), args.plot[1])
+    if args.merge:
+        merged = json.load(open(args.merge[0]))
+        for extra in args.merge[1:]:
+            merged["rows"] += json.load(open(extra))["rows"]
+        json.dump(merged, open(args.out, "w"), indent=1)
+        return print(table(merged["rows"], merged.get("gemm_tflops")))
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.batch = args.batch or (8 if cuda else 2)
+    args.seq = args.seq or (1024 if cuda else 128)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.steps = args.steps or (8 if cuda else 3)
+    start = time.perf_counter()
+    import peft
+    import transformers
+
+    from lorakit.fast.kernels import liger_kernels_available
+
+    results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+               "transformers": transformers.__version__, "peft": peft.__version__,
+               "liger": liger_kernels_available(), "batch": args.batch, "seq": args.seq,
+               "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(), "rows": []}
+    if cuda:
+        results["gemm_tflops"] = gemm_tflops(device)
+        print(f"bf16 GEMM 8192^3: {results['gemm_tflops']:.0f} TFLOP/s", flush=True)
+        results["dora_selfcheck"] = dora_selfcheck(device)
+        print(f"DoraScale self-check: {results['dora_selfcheck']}", flush=True)
+    rows = results["rows"]
+    if args.profile is not None or args.lever_runs is not None:
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        for spec in args.profile or []:
+            shape, name = spec.split(":")
+            vocab = SHAPES[shape]["vocab_size"]
+            fn = peft_setup if name.startswith("peft") else lorakit_setup
+            try:
+                profile_steps(args, shape, name, lambda b: fn(shape, name, device, b), device, vocab, out_dir)
+            except Exception:
+                traceback.print_exc()
+                free()
+        for spec in args.lever_runs or []:
+            shape, name, kv = spec.split(":")
+            train = {k: json.loads(v) if v in ("true", "false") else v for k, v in (p.split("=") for p in kv.split(","))}
+            vocab = SHAPES[shape]["vocab_size"]
+            t0 = time.perf_counter()
+            try:
+                row = run_one(args, shape, f"{name} {train}", lambda b: lorakit_setup(shape, name, device, b, train=train),
+                              device, vocab)
+            except Exception as err:
+                traceback.print_exc()
+                row = {"shape": shape, "method": name, "error": str(err)}
+            row["total_s"] = time.perf_counter() - t0
+            with contextlib.suppress(Exception):
+                from torch._dynamo.utils import counters
+
+                row["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break")}
+                counters.clear()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        json.dump(results, open(args.out, "w"), indent=1)
+        print(table(rows, results.get("gemm_tflops")))
+        return
+
+    def record(shape, label, setup, ctx=contextlib.nullcontext):
+        vocab = 49152 if shape == "smollm2" else SHAPES[shape]["vocab_size"]
+        try:
+            with ctx():
+                row = run_one(args, shape, label, setup, device, vocab)
+        except Exception as err:  # keep going: one failure must not lose the run
+            traceback.print_exc()
+            row = {"shape": shape, "method": label, "error": f"{type(err).__name__}: {err}"}
+            free()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        json.dump(results, open(args.out, "w"), indent=1)
+
+    shapes = args.shapes or (["qwen2.5-0.5b", "llama-3.2-1b"] if cuda else ["smollm2"])
+    order = ["lora", "peft-lora", "dora", "peft-dora", "qlora", "peft-qlora", "vera", "peft-vera",
+             "lora_fa", "dylora", "delta_lora", "lora_drop"]
+    methods = [m for m in order if m in (args.methods or order)]
+    for shape in shapes:
+        for name in (methods if "eager" in args.variants else []):
+            if name.startswith("peft"):
+                record(shape, name, lambda b, s=shape, n=name: peft_setup(s, n, device, b))
+            else:
+                record(shape, name, lambda b, s=shape, n=name: lorakit_setup(s, n, device, b))
+        for name in (methods if "compile" in args.variants else []):  # the same runs with train.compile: true
+            if not name.startswith("peft"):
+                record(shape, name + " [compile]",
+                       lambda b, s=shape, n=name: lorakit_setup(s, n, device, b, train={"compile": True}))
+    shape = shapes[0]
+    vocab = 49152 if shape == "smollm2" else SHAPES[shape]["vocab_size"]
+    levers = [
+        ("lora [cross_entropy=full]", dict(train={"cross_entropy": "full"})),
+        ("lora [cross_entropy=chunked]", dict(train={"cross_entropy": "chunked"})),
+        ("lora [kernels=none]", dict(train={"kernels": "none"})),
+        ("lora [no addmm]", dict(ctx=no_fused_adapters)),
+        ("dora [no DoraScale/addmm]", dict(ctx=no_fused_adapters, name="dora")),
+        ("lora [gradient_checkpointing]", dict(grad_ckpt=True)),
+        ("lora [dropout 0.05]", dict(method={"lora_dropout": 0.05})),
+        ("peft-lora [dropout 0.05]", dict(peft={"dropout": 0.05})),
+        ("peft-lora [autocast bf16]", dict(peft={"autocast": True})),
+        ("qlora [optimizer=adamw]", dict(name="qlora", train={"optimizer": "adamw"})),
+    ]
+    for label, opt in ([] if args.no_levers else levers):
+        if time.perf_counter() - start > args.budget:
+            print(f"budget reached: skipping {label}")
+            continue
+        if "peft" in opt:
+            setup = lambda b, o=opt: peft_setup(shape, "peft-lora", device, b, **o["peft"])
+        else:
+            setup = lambda b, o=opt: lorakit_setup(shape, o.get("name", "lora"), device, b, train=o.get("train"),
+                                                   method=o.get("method"), grad_ckpt=o.get("grad_ckpt", False))
+        record(shape, label, setup, opt.get("ctx", contextlib.nullcontext))
+    if not args.no_track and time.perf_counter() - start < args.budget:
+        fast, ref = track_losses(args, shape, device, vocab)
+        rel = max(abs(a - b) / abs(b) for a, b in zip(fast, ref))
+        results["track"] = {"shape": shape, "fast": fast, "reference": ref, "max_rel_diff": rel}
+        print(f"loss tracking over {len(fast)} steps: max relative difference {rel:.2e} "
+              f"(first {ref[0]:.4f}, last fast {fast[-1]:.4f} / ref {ref[-1]:.4f})", flush=True)
+    big = shapes[-1]
+    if cuda and not args.no_max_batch:
+        results["max_batch_tokens"] = {"shape": big}
+        vocab = SHAPES[big]["vocab_size"]
+        for label, setup in (("lora", lambda b: lorakit_setup(big, "lora", device, b)),
+                             ("peft-lora", lambda b: peft_setup(big, "peft-lora", device, b))):
+            if time.perf_counter() - start > args.budget:
+                print(f"budget reached: skipping max batch of {label}")
+                continue
+            try:
+                results["max_batch_tokens"][label] = max_batch(args, big, setup, device, vocab)
+            except Exception as err:
+                traceback.print_exc()
+                results["max_batch_tokens"][label] = f"{type(err).__name__}: {err}"
+            print(f"max batch in 80 GiB, {label}: {results['max_batch_tokens'][label]} tokens", flush=True)
+    results["wall_s"] = time.perf_counter() - start
+    json.dump(results, open(args.out, "w"), indent=1)
+    print(f"\n{results['device']}, torch {results['torch']}, transformers {results['transformers']}, "
+          f"peft {results['peft']}, liger {results['liger']}, batch {args.batch}x{args.seq}, "
+          f"{args.steps} timed steps after {args.warmup}")
+    print(table(rows, results.get("gemm_tflops")))
+
+
+if __name__ == "__main__":
+    main()

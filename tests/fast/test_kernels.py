@@ -1,0 +1,40 @@
+"""Model-level levers: which modules get liger's kernels, when levers apply, and the errors."""
+
+import pytest
+import torch
+
+from lorakit.config import TrainConfig
+from lorakit.errors import LorakitError
+from lorakit.fast import accelerate, resolve_cross_entropy
+from lorakit.fast.cross_entropy import liger_available
+from lorakit.fast.kernels import apply_liger, decoder_layers, liger_kernels_available
+from tests.conftest import tiny_gpt2, tiny_llama
+
+
+def test_liger_patches_rms_norms_and_swiglu_of_llama_style_models_only():
+    model = tiny_llama()
+    assert apply_liger(model) == ["liger rms_norm×5", "liger swiglu×2"]  # 2 per layer + final; 2 MLPs
+    assert "forward" in vars(model.model.norm) and "forward" in vars(model.model.layers[0].mlp)
+    assert "forward" not in vars(tiny_llama().model.norm)  # instances only, not the class
+    assert apply_liger(tiny_gpt2()) == []
+
+
+def test_decoder_layers():
+    assert len(decoder_layers(tiny_llama())) == 2
+    assert len(decoder_layers(tiny_gpt2())) == 2
+
+
+def test_cpu_defaults_change_nothing():
+    model = tiny_llama()
+    assert accelerate(model, TrainConfig(), torch.device("cpu")) == []
+    assert "forward" not in vars(model.model.norm)
+    assert resolve_cross_entropy("auto", torch.device("cpu")) == "chunked"
+    assert resolve_cross_entropy("full", torch.device("cpu")) == "full"
+
+
+@pytest.mark.skipif(liger_available() or liger_kernels_available(), reason="liger-kernel is installed here")
+def test_asking_for_liger_without_it_says_how_to_get_it():
+    with pytest.raises(LorakitError, match="pip install liger-kernel"):
+        resolve_cross_entropy("liger", torch.device("cpu"))
+    with pytest.raises(LorakitError, match="pip install liger-kernel"):
+        accelerate(tiny_llama(), TrainConfig(kernels="liger"), torch.device("cpu"))
