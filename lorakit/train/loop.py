@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lorakit.config import recipe_to_dict
+from lorakit.errors import LorakitError
 from lorakit.evaluate import autocast, evaluate_model, to_device
 from lorakit.fast import accelerate, causal_lm_loss, resolve_cross_entropy
 from lorakit.train import checkpoint as ckpt
@@ -67,6 +68,12 @@ class MicroBatches:
         return self.collate([self.dataset[int(i)] for i in idx])
 
 
+def count_tokens(batch: dict) -> int:
+    """Tokens of a batch, padding excluded where an attention mask marks it."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
 def count_loss_items(batch: dict, task: str) -> int:
     """Tokens that carry loss (causal LM, shifted by one) or examples (classification)."""
     labels = batch["labels"]
@@ -87,6 +94,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
         self.steps_per_epoch = steps_per_epoch
         self.step = 0
+        self.train_seconds = 0.0  # wall time inside optimizer steps (no evaluation or saving)
         self.cross_entropy = resolve_cross_entropy(cfg.cross_entropy, device)  # lorakit.fast
         self.levers = accelerate(model, cfg, device)  # liger kernels / torch.compile, as the recipe asks
 
@@ -159,6 +167,11 @@ class Trainer:
             loss = self.loss(batch, num_items=items)
             loss.backward()
             loss_value += loss.item()
+        if not math.isfinite(loss_value):  # before the update: the weights and checkpoints stay good
+            raise LorakitError(
+                f"loss became {loss_value} at step {self.step + 1}; lower train.learning_rate, or use "
+                "model.dtype bfloat16/float32 (float16 overflows easily); the last checkpoint is intact"
+            )
         grad_norm = None
         if cfg.max_grad_norm is not None:
             trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -196,13 +209,10 @@ class Trainer:
             t0, tokens_since = time.perf_counter(), 0
             while self.step < self.total_steps:
                 batches = [self.micro[self.step * accum + i] for i in range(accum)]
-                tokens_since += sum(int(b["input_ids"].numel()) for b in batches)
+                tokens_since += sum(count_tokens(b) for b in batches)
+                step_start = time.perf_counter()
                 loss_value, grad_norm = self.optimizer_step(batches, optimizer, scheduler)
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"loss became {loss_value} at step {self.step}; lower train.learning_rate or use "
-                        "model.dtype float32/bfloat16 (float16 overflows easily)"
-                    )
+                self.train_seconds += time.perf_counter() - step_start
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - t0
                     record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -107,9 +106,9 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
         ckpt.write_atomic_text(run_dir / "summary.json", json.dumps({"before": before}, indent=1))
         console.print(f"before training: {_summary_line(before)}")
         _samples(session, console, "samples before training")
-    start_step, t0 = (step if resume else 0), time.perf_counter()
+    start_step = step if resume else 0
     after = trainer.train(resume_from=latest if resume else None)
-    seconds = time.perf_counter() - t0
+    seconds = trainer.train_seconds
     console.print(f"after training:  {_summary_line(after)}")
     _samples(session, console, "samples after training")
     steps_run = trainer.step - start_step

@@ -84,3 +84,17 @@ def test_checkpoint_files(tmp_path):
         assert (run / "checkpoints/step-000003" / name).is_file()
     assert (run / "final/adapter.safetensors").is_file()
     assert not list(run.glob("**/.*tmp*"))
+
+
+def test_nan_loss_stops_cleanly_before_the_update(tmp_path):
+    from lorakit.errors import LorakitError
+
+    t = make_trainer(tmp_path, train={"max_steps": 2, "save_every": None})
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    real_loss = t.loss
+    t.loss = lambda batch, num_items=None: real_loss(batch, num_items) * float("nan")
+    with pytest.raises(LorakitError, match="loss became nan at step 1; lower train.learning_rate"):
+        t.train()
+    for n, p in t.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[n]), n
