@@ -14,8 +14,11 @@ where (A_K, B_K) names the snapshot (METHODS.md §7's "(A_K, B_K)"; in the paper
 the first forward after the snapshot and gives no gradient to A or B (W gets no gradient in the
 paper either), so A and B see exactly the paper's gradients. It is evaluated as
 λs·((sg(B) − B_K)·sg(A)x + B_K·(sg(A) − A_K)x), the differences taken in fp32 before any
-low-precision matmul, as one (2r, in) and one (out, 2r) matmul. Only the *parameters* are detached:
-the gradient still flows to x through this term, as it would through the updated W.
+low-precision matmul. Only the *parameters* are detached: the gradient still flows to x through this
+term, as it would through the updated W. The whole branch is one rank-3r LoRA product
+s·[B, sg(B) − B_K, B_K]·([A; λ·sg(A); λ·(sg(A) − A_K)] x) (:meth:`DeltaLoraLayer.delta_factors`; A and
+B only in the first block, so their gradients are those of s·BAx), added to the base output by LoRA's
+one ``addmm`` (:func:`lorakit.fast.ops.lora_into`) where the dtypes allow it.
 
 Init: A Kaiming-uniform (U(±1/√in)), B zeros, snapshots zeros (unused until taken); s = lora_alpha / r
 (rsLoRA: / √r); λ = ``delta_lambda`` (2), K = ``delta_start_step`` (500). No dropout on the LoRA path
@@ -36,6 +39,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from lorakit.config import MethodConfig
+from lorakit.fast.ops import can_fuse, lora_into
 from lorakit.methods import register
 from lorakit.methods.base import Method
 from lorakit.methods.lora import LoraLayer, adapter_input
@@ -76,15 +80,23 @@ class DeltaLoraLayer(LoraLayer):
         self.delta_active = True
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if not self.delta_active:  # plain LoRA (LoRA's fused path where the dtypes allow it)
+            return super().adapter_forward(x, base_out)
+        left, right = self.delta_factors()
+        if can_fuse(x, base_out, self.lora_A.weight):
+            return lora_into(base_out, x, left, right, self.scaling)
         x = adapter_input(x, self.lora_A.weight)
-        ax = self.lora_A(x)
-        out = self.lora_B(ax) * self.scaling
-        if self.delta_active:  # x keeps its gradient (as through W); A and B get none from this path
-            a, b = self.lora_A.weight.detach(), self.lora_B.weight.detach()
-            left = torch.cat([a, a - self.snapshot_A])  # (2r, in)
-            right = torch.cat([b - self.snapshot_B, self.snapshot_B], dim=1)  # (out, 2r)
-            out = out + F.linear(F.linear(x, left), right) * (self.delta_lambda * self.scaling)
-        return base_out + out.to(base_out.dtype)
+        return base_out + (F.linear(F.linear(x, left), right) * self.scaling).to(base_out.dtype)
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L ``(3r, in)``, R ``(out, 3r)``) with s·R L = s·BA + λs·((sg(B) − B_K)·sg(A) + B_K·(sg(A) − A_K)):
+        L = [A; λ·sg(A); λ·(sg(A) − A_K)], R = [B, sg(B) − B_K, B_K], differences in fp32. A and B get
+        gradients through the first block only (as through s·BAx)."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        a, b, lam = A.detach(), B.detach(), self.delta_lambda
+        left = torch.cat([A, a * lam, (a - self.snapshot_A) * lam])
+        right = torch.cat([B, b - self.snapshot_B, self.snapshot_B], dim=1)
+        return left, right
 
     def delta_weight(self) -> torch.Tensor:
         b, a = self.lora_B.weight.float(), self.lora_A.weight.float()

@@ -16,6 +16,13 @@ modes rows/columns > b, outside this step's model, are restored the same way.
 Outside training the layer uses its settable rank ``rank`` (default r; :meth:`DyLora.set_rank`), which
 evaluation (``evaluate(rank=..., ranks=...)``) and merging use. Merge at rank b:
 W ← W0 + s_b · B[:, :b] A[:b] — exactly a plain LoRA of rank b. Trainable parameters per layer: r·(in + out).
+
+Speed (same math): the branch runs at the full width r with the columns ≥ b of B zeroed
+(B[:, :b] A[:b] = B·diag(1_{i<b})·A exactly), so every step has LoRA's matrix shapes, and is added to the
+base output by LoRA's one ``addmm`` (:func:`lorakit.fast.ops.lora_into`) where the dtypes allow it; the
+rows/columns that must not learn get their gradient zeroed by a mask instead of being cut off by
+slicing and concatenation. The restore after the optimizer step works on one flat copy of all A and B
+(one multi-tensor copy in, one masked select, one multi-tensor copy back) instead of per-layer clones.
 """
 
 from __future__ import annotations
@@ -28,9 +35,21 @@ from torch import nn
 
 from lorakit.config import MethodConfig
 from lorakit.errors import LorakitError
+from lorakit.fast.ops import can_fuse, lora_into
 from lorakit.methods import register
 from lorakit.methods.base import Method
 from lorakit.methods.lora import LoraLayer, adapter_input
+
+_SPANS: dict[tuple, torch.Tensor] = {}
+
+
+def span(r: int, lo: int, hi: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Bool mask, True for lo ≤ i < hi: ``(r, 1)`` (rows, dim 0) or ``(1, r)`` (columns, dim 1); cached."""
+    key = (r, lo, hi, dim, device)
+    if key not in _SPANS:
+        i = torch.arange(r, device=device)
+        _SPANS[key] = ((i >= lo) & (i < hi)).view((r, 1) if dim == 0 else (1, r))
+    return _SPANS[key]
 
 
 class DyLoraConfig(MethodConfig):
@@ -57,23 +76,66 @@ class DyLoraLayer(LoraLayer):
         """Use rank b (1 ≤ b ≤ r) outside training and for merging; ``scaling`` follows it."""
         self.rank, self.scaling = b, self.rank_scaling(b)
 
-    def truncated(self, b: int, frozen: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A[:b] ``(b, in)``, B[:, :b] ``(out, b)``); with ``frozen`` all but the last row/column detached."""
-        A, B = self.lora_A.weight[:b], self.lora_B.weight[:, :b]
-        if frozen and b > 1:
-            A = torch.cat([A[: b - 1].detach(), A[b - 1 :]], dim=0)
-            B = torch.cat([B[:, : b - 1].detach(), B[:, b - 1 :]], dim=1)
-        return A, B
+    def rank_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A ``(r, in)``, B ``(out, r)`` with columns ≥ b zeroed, s_b) for the rank b in use, so that
+        B'A' = B[:, :b] A[:b] exactly. In training at rank b only rows/columns lo..b−1 of A and B get a
+        gradient (lo = b − 1 with ``update: frozen``, else 0); the others get exact zeros, as if detached
+        (rows ≥ b of A through B's zero columns)."""
+        b = self.train_rank if self.training else self.rank
+        lo = b - 1 if self.training and self.update == "frozen" else 0
+        A, B, r, dev = self.lora_A.weight, self.lora_B.weight, self.r, self.lora_A.weight.device
+        if lo > 0:
+            A = torch.where(span(r, lo, b, 0, dev), A, A.detach())
+            B = torch.where(span(r, lo, b, 1, dev), B, torch.where(span(r, 0, lo, 1, dev), B.detach(), 0))
+        elif b < r:
+            B = torch.where(span(r, 0, b, 1, dev), B, 0)
+        return A, B, self.rank_scaling(b)
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.train_rank if self.training else self.rank
-        A, B = self.truncated(b, frozen=self.training and self.update == "frozen")
+        A, B, s = self.rank_weights()
         x = adapter_input(self.lora_dropout(x), A)
-        return F.linear(F.linear(x, A), B) * self.rank_scaling(b)
+        return F.linear(F.linear(x, A), B) * s
+
+    def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if can_fuse(x, base_out, self.lora_A.weight):
+            A, B, s = self.rank_weights()
+            return lora_into(base_out, self.lora_dropout(x), A, B, s)
+        return base_out + self.lora_output(x).to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         b = self.rank
         return self.rank_scaling(b) * (self.lora_B.weight[:, :b].float() @ self.lora_A.weight[:b].float())
+
+
+class FlatSnapshot:
+    """One flat copy of several A ``(r, in)`` / B ``(out, r)`` tensors of one device and dtype, plus
+    each element's rank index (its row of A / column of B), to restore whole rank slices at once."""
+
+    def __init__(self, tensors: list[tuple[torch.Tensor, int]], r: int):
+        """``tensors``: (weight, dim of its rank index: 0 for A, 1 for B)."""
+        self.params = [w for w, _ in tensors]
+        ref = self.params[0]
+        self.saved = torch.empty(sum(w.numel() for w in self.params), dtype=ref.dtype, device=ref.device)
+        self.saved_views = self.views(self.saved)
+        i = torch.arange(r, device=ref.device, dtype=torch.uint8 if r < 256 else torch.int32)
+        self.rank = torch.cat([(i[:, None] if dim == 0 else i[None, :]).expand(w.shape).reshape(-1)
+                               for w, dim in tensors])
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [v.view_as(w) for v, w in zip(flat.split([w.numel() for w in self.params]), self.params)]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        torch._foreach_copy_(self.saved_views, self.params)
+
+    @torch.no_grad()
+    def restore(self, lo: int, hi: int) -> None:
+        """Every element outside rank slices lo..hi−1 back to its saved value (bit-exact)."""
+        current = torch.empty_like(self.saved)
+        torch._foreach_copy_(self.views(current), self.params)
+        keep = self.rank == lo if hi - lo == 1 else (self.rank < hi) if lo == 0 else (self.rank >= lo) & (self.rank < hi)
+        torch.where(keep, current, self.saved, out=self.saved)
+        torch._foreach_copy_(self.params, self.saved_views)
 
 
 def parse_ranks(ranks: str | list[int], r: int) -> list[int]:
@@ -106,7 +168,9 @@ class DyLora(Method):
     def __init__(self, cfg: DyLoraConfig):
         super().__init__(cfg)
         self.current = cfg.r  # the rank drawn for the current training step
-        self._snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._snapshots: list[FlatSnapshot] = []
+        self._snapshot_key: tuple = ()
+        self._pending = False  # a snapshot waits to be restored
 
     # ---- training ------------------------------------------------------------------------------
     def draw_rank(self) -> int:
@@ -118,25 +182,35 @@ class DyLora(Method):
         self.current = b
         for layer in self.layers.values():
             layer.train_rank = b
-        self._snapshot = {n: (l.lora_A.weight.detach().clone(), l.lora_B.weight.detach().clone())
-                          for n, l in self.layers.items()}
+        for snap in self.snapshots():
+            snap.save()
+        self._pending = True
+
+    def snapshots(self) -> list[FlatSnapshot]:
+        """One :class:`FlatSnapshot` per (device, dtype) of the adapters, rebuilt when a tensor moved."""
+        tensors = [(w, dim) for l in self.layers.values() for w, dim in ((l.lora_A.weight, 0), (l.lora_B.weight, 1))]
+        key = tuple((id(w), w.data_ptr()) for w, _ in tensors)
+        if key != self._snapshot_key:
+            groups: dict[tuple, list] = {}
+            for w, dim in tensors:
+                groups.setdefault((w.device, w.dtype), []).append((w, dim))
+            self._snapshots = [FlatSnapshot(g, self.cfg.r) for g in groups.values()]
+            self._snapshot_key = key
+        return self._snapshots
 
     def before_step(self, step: int) -> None:
         self.start_step(self.draw_rank())
 
-    @torch.no_grad()
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Put back every row of A / column of B this step did not train (frozen: all but b; all: > b),
         undoing what AdamW's momentum and decoupled weight decay did to them."""
+        if not self._pending:
+            return
         b = self.current
         lo = b - 1 if self.cfg.update == "frozen" else 0
-        for name, (A0, B0) in self._snapshot.items():
-            layer = self.layers[name]
-            A0[lo:b] = layer.lora_A.weight[lo:b]
-            B0[:, lo:b] = layer.lora_B.weight[:, lo:b]
-            layer.lora_A.weight.copy_(A0)
-            layer.lora_B.weight.copy_(B0)
-        self._snapshot = {}
+        for snap in self._snapshots:  # the ones start_step saved into
+            snap.restore(lo, b)
+        self._pending = False
 
     # ---- evaluation and merging -----------------------------------------------------------------
     @property

@@ -9,6 +9,7 @@ import torch
 
 from lorakit.config import recipe_from_dict
 from lorakit.errors import RecipeError
+from lorakit.methods import delta_lora
 from lorakit.methods.delta_lora import as_lora
 from lorakit.train.checkpoint import adapter_state_dict, load_adapter_weights, read_checkpoint_meta
 from tests.conftest import tiny_inputs
@@ -82,8 +83,12 @@ def test_inactive_export_is_plain_lora():
     torch.testing.assert_close(b2 @ a2, layer.scaling * layer.lora_B.weight @ layer.lora_A.weight)
 
 
-def test_correction_passes_no_gradient():
-    """Once active, the layer computes (W0 + λs(BA − B_K A_K))x + sBAx with the W term constant."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_correction_passes_no_gradient(fused, monkeypatch):
+    """Once active, the layer computes (W0 + λs(BA − B_K A_K))x + sBAx with the W term constant
+    (on the fused addmm path and on the plain one)."""
+    if not fused:
+        monkeypatch.setattr(delta_lora, "can_fuse", lambda *a: False)
     model, method = activated("llama", {**CFG, "target_modules": ["q_proj"]})
     layer = method.layers["model.layers.0.self_attn.q_proj"]
     x = torch.randn(3, layer.in_features, requires_grad=True)
@@ -101,6 +106,23 @@ def test_correction_passes_no_gradient():
     torch.testing.assert_close(layer.lora_A.weight.grad, a.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.lora_B.weight.grad, b.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)  # the input's gradient goes through W
+
+
+def test_bf16_autocast_matches_fp32():
+    """Under bf16 autocast with a bf16 base (the GPU setting) the fused rank-3r branch stays within bf16
+    rounding of the fp32 formula, output in bf16."""
+    _, method = activated("llama", {**CFG, "target_modules": ["q_proj"]})
+    layer = method.layers["model.layers.0.self_attn.q_proj"]
+    x = torch.randn(64, layer.in_features)
+    s, a, b = layer.scaling, layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+    corr = x @ (LAM * s * (b @ a - layer.snapshot_B @ layer.snapshot_A)).T
+    branch = s * (x @ a.T) @ b.T + corr
+    assert corr.abs().max() > 0.1 * branch.abs().max()  # the correction is a real part of the branch
+    layer.base_layer.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, base = layer(x.bfloat16()), layer.base_layer(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close((out - base).float(), branch, rtol=0, atol=2e-2 * branch.abs().max().item())
 
 
 def _step_losses(model, opt, steps, after_step):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.methods import dylora
 from lorakit.train.checkpoint import adapter_state_dict, load_adapter_weights, read_checkpoint_meta
 from tests.conftest import tiny_inputs
 from tests.methods import harness as H
@@ -81,6 +82,39 @@ def test_forward_at_rank_b_is_a_plain_lora_of_rank_b(kind, rslora):
     assert layer.scaling == pytest.approx(8 / 3**0.5 if rslora else 8 / 3)
 
 
+@pytest.mark.parametrize("update", ["frozen", "all"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_training_forward_and_gradients_equal_the_sliced_formula(update, fused, monkeypatch):
+    """Forward W0x + s_b·B[:, :b](A[:b]x) and gradients (A, B: only the trained rows/columns; x: all)
+    against autograd on the sliced formula, for every b, on the fused addmm path and on the plain one."""
+    if not fused:
+        monkeypatch.setattr(dylora, "can_fuse", lambda *a: False)
+    _, method = H.make("llama", {**CFG, "update": update, "target_modules": ["q_proj"]})
+    layer = method.layers["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    layer.train()
+    for b in range(1, R + 1):
+        method.start_step(b)
+        x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        A, B = (w.detach().clone().requires_grad_() for w in (layer.lora_A.weight, layer.lora_B.weight))
+        ref = layer.base_layer(x2) + (8 / b) * (x2 @ A[:b].T) @ B[:, :b].T
+        out = layer(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(out)
+        (out * g).sum().backward()
+        (ref * g).sum().backward()
+        trained = [b - 1] if update == "frozen" else list(range(b))
+        rows = torch.tensor([i in trained for i in range(R)])
+        torch.testing.assert_close(layer.lora_A.weight.grad, A.grad * rows[:, None], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.lora_B.weight.grad, B.grad * rows[None, :], rtol=1e-4, atol=1e-5)
+        assert layer.lora_A.weight.grad[~rows].eq(0).all() and layer.lora_B.weight.grad[:, ~rows].eq(0).all()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+        layer.zero_grad(set_to_none=True)
+        method.after_optimizer_step(0, None)
+
+
 def step_at(model, method, optimizer, b: int, skip_restore: bool = False) -> None:
     method.start_step(b)
     model.train()
@@ -131,6 +165,32 @@ def test_untrained_rows_are_bit_identical_after_a_step(update):
     step_at(model, method, opt, b, skip_restore=True)
     A, _ = next(iter(adapter_params(method).values()))
     assert not torch.equal(A[R - 1], before[next(iter(before))][0][R - 1])
+
+
+def test_restore_with_mixed_dtypes_and_moved_tensors():
+    """The flat snapshot groups adapters by dtype and is rebuilt when a tensor's storage changes
+    (as after ``model.to(device)``); untrained rows stay bit-identical through both."""
+    model, method = H.make("llama", CFG)
+    H.randomize_adapters(model)
+    first = next(iter(method.layers.values()))
+    first.lora_A.double()  # one layer's adapter in float64 (it takes the plain, unfused path)
+    first.lora_B.double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    for step, b in enumerate((4, 1, 3, 2, 3)):
+        if step == 3:
+            for p in params:  # new storage under the same Parameter objects
+                p.data = p.data.clone()
+        before = {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in adapter_params(method).items()}
+        step_at(model, method, opt, b)
+        for name, (A, B) in adapter_params(method).items():
+            A0, B0 = before[name]
+            for i in range(R):
+                if i != b - 1:
+                    assert torch.equal(A[i], A0[i]) and torch.equal(B[:, i], B0[:, i]), (step, name, i)
+                else:
+                    assert not torch.equal(A[i], A0[i]), (step, name, i)
+    assert first.lora_A.weight.dtype == torch.float64 and len(method._snapshots) == 2
 
 
 def test_merge_at_rank_b_equals_forward_at_rank_b():
