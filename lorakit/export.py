@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -104,7 +103,6 @@ def is_plain_lora(layer: nn.Module) -> bool:
             and cls.delta_weight is LoraLayer.delta_weight and cls.merged_weight is AdapterLayer.merged_weight)
 
 
-# ---- per-method exporters --------------------------------------------------------------------------
 def export_lora_family(method: Method, model: nn.Module, strict: bool = True) -> tuple[dict, dict] | None:
     """LoRA-family layers with LoRA's math (``strict``: also LoRA's own ``lora_output``); else None."""
     layers = method.layers
@@ -117,56 +115,10 @@ def export_lora_family(method: Method, model: nn.Module, strict: bool = True) ->
     return lora_export(method, model, pairs, cfg.r, cfg.lora_alpha, cfg.use_rslora)
 
 
-def export_dora(method: Method, model: nn.Module) -> tuple[dict, dict]:
-    cfg, layers = method.cfg, method.layers
-    pairs = {p: (l.lora_A.weight, l.lora_B.weight) for p, l in layers.items()}
-    mags = {p: l.magnitude for p, l in layers.items()}
-    return lora_export(method, model, pairs, cfg.r, cfg.lora_alpha, cfg.use_rslora, magnitudes=mags)
-
-
-def export_dylora(method: Method, model: nn.Module) -> tuple[dict, dict]:
-    """Plain LoRA of the current rank b (:meth:`DyLora.set_rank`): s_b = lora_alpha / b (rsLoRA: / √b)."""
-    b, cfg = method.rank, method.cfg
-    pairs = {p: (l.lora_A.weight[:b], l.lora_B.weight[:, :b]) for p, l in method.layers.items()}
-    return lora_export(method, model, pairs, b, cfg.lora_alpha, cfg.use_rslora)
-
-
-def export_delta_lora(method: Method, model: nn.Module) -> tuple[dict, dict]:
-    """Rank-2r LoRA with scaling 1: r = lora_alpha = 2r, no rsLoRA (B' carries the scalings)."""
-    pairs = {}
-    for path, layer in method.layers.items():
-        a, b, _ = method.as_lora(layer)
-        pairs[path] = (a, b)
-    rank = 2 * method.cfg.r
-    config, tensors = lora_export(method, model, pairs, rank, rank, False)
-    config["lora_dropout"] = 0.0
-    return config, tensors
-
-
-def export_vera(method: Method, model: nn.Module) -> tuple[dict, dict]:
-    cfg, proj = method.cfg, method.projection
-    config = base_config(method, model, "VERA")
-    config.update(r=cfg.r, projection_prng_key=proj.seed, save_projection=True,
-                  vera_dropout=cfg.lora_dropout, d_initial=cfg.d_initial, init_weights=True)
-    tensors = {"base_model.vera_A": proj.vera_A.detach().float(), "base_model.vera_B": proj.vera_B.detach().float()}
-    for path, layer in method.layers.items():
-        tensors[f"{PREFIX}{path}.vera_lambda_b"] = layer.vera_lambda_b.detach().float()
-        tensors[f"{PREFIX}{path}.vera_lambda_d"] = layer.vera_lambda_d.detach().float()
-    return config, {**tensors, **head_tensors(model)}
-
-
-EXPORTERS = {
-    "dora": export_dora,
-    "vera": export_vera,
-    "dylora": export_dylora,
-    "delta_lora": export_delta_lora,
-    "lora_fa": partial(export_lora_family, strict=False),  # own lora_output (memory), LoRA's math
-}
-
-
 def builtin_export(method: Method, model: nn.Module) -> tuple[dict, dict] | None:
-    """The default :meth:`Method.export_peft`: the method's exporter above, else the LoRA family check."""
-    return EXPORTERS.get(method.name, export_lora_family)(method, model)
+    """The default :meth:`Method.export_peft`: LoRA-family layers with LoRA's math, else None. Methods
+    with another PEFT form (DoRA, VeRA, DyLoRA, Delta-LoRA) override ``export_peft`` in their module."""
+    return export_lora_family(method, model)
 
 
 # ---- folders -----------------------------------------------------------------------------------------

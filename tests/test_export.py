@@ -191,7 +191,7 @@ def test_cli_export_checks_against_peft(run, tmp_path):
 
 
 def test_cli_export_without_peft_equivalent_points_to_merge(run, tmp_path, monkeypatch):
-    monkeypatch.setattr("lorakit.export.builtin_export", lambda method, model: None)
+    monkeypatch.setattr("lorakit.methods.dylora.DyLora.export_peft", lambda self, model: None)
     result = CliRunner().invoke(app, ["export", str(run), "-o", str(tmp_path / "none")])
     assert result.exit_code == 1 and "no faithful PEFT equivalent" in result.output
     assert "lorakit merge" in " ".join(result.output.split()) and not (tmp_path / "none").exists()

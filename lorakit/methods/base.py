@@ -177,7 +177,7 @@ class Method:
     def export_peft(self, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]] | None:
         """This adapter as PEFT files: (``adapter_config.json`` mapping, ``adapter_model.safetensors``
         tensors by PEFT key), or None when PEFT has no faithful equivalent (merge instead). Default:
-        :func:`lorakit.export.builtin_export` (LoRA-family layers, DoRA, VeRA, DyLoRA, Delta-LoRA)."""
+        :func:`lorakit.export.builtin_export` (layers with LoRA's math); other methods override it."""
         from lorakit.export import builtin_export
 
         return builtin_export(self, model)

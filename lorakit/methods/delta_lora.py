@@ -130,6 +130,16 @@ class DeltaLora(Method):
     config_class = DeltaLoraConfig
     layer_class = DeltaLoraLayer
 
+    def export_peft(self, model: nn.Module):
+        """PEFT LoRA of rank 2r with scaling 1 (r = lora_alpha = 2r): B', A' from :func:`as_lora`."""
+        from lorakit.export import lora_export
+
+        pairs = {path: as_lora(layer)[:2] for path, layer in self.layers.items()}
+        rank = 2 * self.cfg.r
+        config, tensors = lora_export(self, model, pairs, rank, rank, False)
+        config["lora_dropout"] = 0.0
+        return config, tensors
+
     def __init__(self, cfg: DeltaLoraConfig):
         super().__init__(cfg)
         self.snapshot_step: int | None = None

@@ -128,3 +128,12 @@ class Dora(Method):
     trains = "lora_A, lora_B, magnitude"
     layer_class = DoraLayer
     mergeable = True
+
+    def export_peft(self, model: nn.Module):
+        """PEFT LoRA with ``use_dora``: m → ``lora_magnitude_vector`` ``(out,)``."""
+        from lorakit.export import lora_export
+
+        cfg, layers = self.cfg, self.layers
+        pairs = {p: (l.lora_A.weight, l.lora_B.weight) for p, l in layers.items()}
+        mags = {p: l.magnitude for p, l in layers.items()}
+        return lora_export(self, model, pairs, cfg.r, cfg.lora_alpha, cfg.use_rslora, magnitudes=mags)

@@ -165,6 +165,14 @@ class DyLora(Method):
     config_class = DyLoraConfig
     layer_class = DyLoraLayer
 
+    def export_peft(self, model: nn.Module):
+        """Plain PEFT LoRA of the current rank b (:meth:`set_rank`): A[:b], B[:, :b], s_b = α/b (rsLoRA: α/√b)."""
+        from lorakit.export import lora_export
+
+        b, cfg = self.rank, self.cfg
+        pairs = {p: (l.lora_A.weight[:b], l.lora_B.weight[:, :b]) for p, l in self.layers.items()}
+        return lora_export(self, model, pairs, b, cfg.lora_alpha, cfg.use_rslora)
+
     def __init__(self, cfg: DyLoraConfig):
         super().__init__(cfg)
         self.current = cfg.r  # the rank drawn for the current training step

@@ -112,3 +112,9 @@ class LoraFa(Method):
     trains = "lora_B (lora_A frozen at its random init)"
     config_class = LoraFaConfig
     layer_class = LoraFaLayer
+
+    def export_peft(self, model: nn.Module):
+        """PEFT LoRA (its own ``lora_output`` only saves memory; the math is LoRA's)."""
+        from lorakit.export import export_lora_family
+
+        return export_lora_family(self, model, strict=False)

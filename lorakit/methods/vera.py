@@ -120,6 +120,22 @@ class Vera(Method):
     layer_class = VeraLayer
     mergeable = True
 
+    def export_peft(self, model: nn.Module):
+        """PEFT VeRA: ``vera_lambda_b`` ``(out,)`` / ``vera_lambda_d`` ``(r,)`` per layer, the shared
+        projection once as ``base_model.vera_A`` ``(r, in_max)`` / ``base_model.vera_B`` ``(out_max, r)``."""
+        from lorakit.export import PREFIX, base_config, head_tensors
+
+        cfg, proj = self.cfg, self.projection
+        config = base_config(self, model, "VERA")
+        config.update(r=cfg.r, projection_prng_key=proj.seed, save_projection=True,
+                      vera_dropout=cfg.lora_dropout, d_initial=cfg.d_initial, init_weights=True)
+        tensors = {"base_model.vera_A": proj.vera_A.detach().float(),
+                   "base_model.vera_B": proj.vera_B.detach().float()}
+        for path, layer in self.layers.items():
+            tensors[f"{PREFIX}{path}.vera_lambda_b"] = layer.vera_lambda_b.detach().float()
+            tensors[f"{PREFIX}{path}.vera_lambda_d"] = layer.vera_lambda_d.detach().float()
+        return config, {**tensors, **head_tensors(model)}
+
     projection: VeraProjection | None = None
 
     def attach(self, model: nn.Module, task: str = "causal_lm") -> None:
