@@ -119,7 +119,10 @@ def compare(
         rows = cmp.compare(recipes, override or [], console)
     except LorakitError as err:
         _fail(err)
-    out.print(cmp.markdown(rows) if markdown else cmp.table(rows))
+    if markdown:
+        typer.echo(cmp.markdown(rows))  # plain text: no wrapping or markup
+    else:
+        out.print(cmp.table(rows))
 
 
 @app.command()
