@@ -92,3 +92,25 @@ def trainable_count(model) -> int:
 
 def head_count(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n.startswith(("score", "classifier")))
+
+
+def check_resume_continues(tmp_path, method_cfg: dict, cut: int = 3) -> None:
+    """Train 6 toy steps; resume a copy from the step-``cut`` checkpoint; the next losses are identical."""
+    import shutil
+
+    import pytest
+
+    from lorakit.train.checkpoint import read_checkpoint_meta
+    from tests.train.test_loop import losses, make_trainer
+
+    make_trainer(tmp_path, "full", method=method_cfg).train()
+    ckpt = tmp_path / f"cut/checkpoints/step-{cut:06d}"
+    shutil.copytree(tmp_path / f"full/checkpoints/step-{cut:06d}", ckpt)
+    _, state = read_checkpoint_meta(ckpt)
+    resumed = make_trainer(tmp_path, "cut", method=method_cfg, method_state=state)
+    load_adapter_weights(resumed.model, ckpt / "adapter.safetensors")
+    resumed.train(resume_from=ckpt)
+    expected, got = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(got) == list(range(cut + 1, 7)) and expected[6] != expected[cut + 1]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)

@@ -1,6 +1,5 @@
 """DoRA (Liu et al. 2024): harness checks, the fast row norm against the naive one, and PEFT parity."""
 
-import shutil
 import warnings
 
 import pytest
@@ -196,21 +195,7 @@ def test_merged_weights_match_peft(kind):
 
 
 def test_resume_continues_identically(tmp_path):
-    from lorakit.train.checkpoint import load_adapter_weights, read_checkpoint_meta
-    from tests.train.test_loop import losses, make_trainer
-
-    full = make_trainer(tmp_path, "full", method={"name": "dora"})
-    full.train()
-    ckpt = tmp_path / "cut/checkpoints/step-000003"
-    shutil.copytree(tmp_path / "full/checkpoints/step-000003", ckpt)
-    _, state = read_checkpoint_meta(ckpt)
-    resumed = make_trainer(tmp_path, "cut", method={"name": "dora"}, method_state=state)
-    load_adapter_weights(resumed.model, ckpt / "adapter.safetensors")
-    resumed.train(resume_from=ckpt)
-    expected, got = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert sorted(got) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
+    H.check_resume_continues(tmp_path, {"name": "dora"})
 
 
 def test_bf16_base_and_autocast_keep_the_norm_in_fp32():

@@ -1,7 +1,6 @@
 """VeRA (Kopiczko et al. 2023): harness checks, the shared projection, and PEFT parity."""
 
 import math
-import shutil
 import warnings
 
 import pytest
@@ -178,22 +177,7 @@ def test_merged_weights_match_peft(kind):
 
 
 def test_resume_continues_identically(tmp_path):
-    from lorakit.train.checkpoint import load_adapter_weights, read_checkpoint_meta
-    from tests.train.test_loop import losses, make_trainer
-
-    method = {"name": "vera", "r": 4, "save_projection": False}
-    full = make_trainer(tmp_path, "full", method=method)
-    full.train()
-    ckpt = tmp_path / "cut/checkpoints/step-000003"
-    shutil.copytree(tmp_path / "full/checkpoints/step-000003", ckpt)
-    _, state = read_checkpoint_meta(ckpt)
-    resumed = make_trainer(tmp_path, "cut", method=method, method_state=state)
-    load_adapter_weights(resumed.model, ckpt / "adapter.safetensors")
-    resumed.train(resume_from=ckpt)
-    expected, got = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert sorted(got) == [4, 5, 6] and expected[6] != expected[4]
-    for step in (4, 5, 6):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
+    H.check_resume_continues(tmp_path, {"name": "vera", "r": 4, "save_projection": False})
 
 
 def test_bf16_base():
