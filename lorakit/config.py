@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorakit.errors import RecipeError
 
@@ -36,9 +36,9 @@ class MethodConfig(Section):
     """Fields every method accepts. Methods subclass this for their own fields."""
 
     name: str = "lora"
-    r: int = Field(8, gt=0)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    r: int = Field(8, gt=0, validation_alias=AliasChoices("r", "lora_r"))
+    lora_alpha: float = Field(16.0, gt=0, validation_alias=AliasChoices("lora_alpha", "alpha"))
+    lora_dropout: float = Field(0.05, ge=0, lt=1, validation_alias=AliasChoices("lora_dropout", "dropout"))
     target_modules: list[str] | str = "all-linear"
     use_rslora: bool = False
     loraplus_lr_ratio: float | None = Field(None, gt=0)
@@ -74,7 +74,12 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, ge=0)  # null or 0: no clipping (as in transformers)
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _zero_means_off(cls, value: float | None) -> float | None:
+        return value or None
     seed: int = 42
     eval_every: int | None = Field(None, gt=0)
     save_every: int | None = Field(None, gt=0)

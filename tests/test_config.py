@@ -52,3 +52,13 @@ def test_bad_override():
 def test_task_format_mismatch():
     with pytest.raises(RecipeError, match="needs model.task causal_lm"):
         recipe_from_dict({"model": {"task": "seq_cls"}, "data": {"format": "chat"}})
+
+
+def test_peer_aliases_and_no_clipping():
+    r = recipe_from_dict({"method": {"lora_r": 4, "alpha": 8, "dropout": 0.0}, "train": {"max_grad_norm": 0}})
+    assert (r.method.r, r.method.lora_alpha, r.method.lora_dropout) == (4, 8.0, 0.0)
+    assert r.train.max_grad_norm is None
+    from lorakit.config import recipe_to_dict
+
+    assert recipe_to_dict(r)["method"]["r"] == 4  # saved under the standard name, reloads the same
+    assert recipe_from_dict(recipe_to_dict(r)).method.r == 4
