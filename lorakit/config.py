@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorakit.errors import RecipeError
 
@@ -32,17 +32,31 @@ class ModelConfig(Section):
     adapter: str | None = None
 
 
+PEER_ALIASES = {"lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+
 class MethodConfig(Section):
     """Fields every method accepts. Methods subclass this for their own fields."""
 
     name: str = "lora"
-    r: int = Field(8, gt=0, validation_alias=AliasChoices("r", "lora_r"))
-    lora_alpha: float = Field(16.0, gt=0, validation_alias=AliasChoices("lora_alpha", "alpha"))
-    lora_dropout: float = Field(0.05, ge=0, lt=1, validation_alias=AliasChoices("lora_dropout", "dropout"))
+    r: int = Field(8, gt=0)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
     use_rslora: bool = False
     loraplus_lr_ratio: float | None = Field(None, gt=0)
     loraplus_lr_embedding: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _peer_aliases(cls, data: Any) -> Any:
+        """Accept the names other tools use: ``lora_r``, ``alpha``, ``dropout`` (every method inherits this)."""
+        if isinstance(data, dict):
+            for alias, name in PEER_ALIASES.items():
+                if alias in data and name not in data:
+                    data = {**data, name: data[alias]}
+                    del data[alias]
+        return data
 
     @property
     def scaling(self) -> float:

@@ -31,7 +31,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from lorakit.config import MethodConfig
@@ -46,6 +46,15 @@ class VeraConfig(MethodConfig):
     projection_prng_key: int = 0
     save_projection: bool = True
     d_initial: float = 0.1
+
+    @model_validator(mode="after")
+    def _no_alpha_scaling(self) -> "VeraConfig":
+        """VeRA has no α scaling (§3): a recipe that sets lora_alpha or use_rslora would expect an effect."""
+        for name in ("lora_alpha", "use_rslora"):  # a saved recipe carries the defaults: those pass
+            if getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"method.{name}: VeRA has no alpha scaling (its trainable vectors scale the "
+                                 "update); remove the field")
+        return self
 
 
 def kaiming_uniform_gain2(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
