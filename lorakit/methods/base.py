@@ -124,7 +124,7 @@ class Method:
     default_quantization: ClassVar[str | None] = None  # model.quantization when the recipe leaves it unset
     HOOKS: ClassVar[tuple[str, ...]] = (
         "prepare", "param_groups", "before_step", "after_optimizer_step", "evaluate", "merge",
-        "state_dict",
+        "state_dict", "export_peft",
     )
 
     def __init__(self, cfg: MethodConfig):
