@@ -253,7 +253,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping with sections model, method, data, train")
-    return recipe_from_dict(apply_overrides(data, overrides or []), origin=str(path))
+    origin = f"{path} + command-line overrides" if overrides else str(path)
+    return recipe_from_dict(apply_overrides(data, overrides or []), origin=origin)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
