@@ -156,6 +156,15 @@ SEED = typer.Option(None, "--seed", help="Seed for sampling.")
 TARGET = typer.Argument(..., help="Run or checkpoint folder, PEFT adapter folder, or model (folder, built-in name, hub id).")
 
 
+def _load_for_generation(target: str):
+    """(model, tokenizer, device) for generate/chat; says on stderr what was loaded."""
+    from lorakit.generate import load_for_generation
+
+    model, tokenizer, device, what = load_for_generation(target)
+    console.print(f"[dim]{what}[/dim]", soft_wrap=True)
+    return model, tokenizer, device
+
+
 @app.command()
 def generate(
     target: str = TARGET,
@@ -166,10 +175,9 @@ def generate(
 ) -> None:
     """Generate one reply to a prompt, streamed; stops at the end-of-turn token."""
     try:
-        from lorakit.generate import GenerationOptions, generate_reply, load_for_generation
+        from lorakit.generate import GenerationOptions, generate_reply
 
-        model, tokenizer, device, what = load_for_generation(target)
-        console.print(f"[dim]{what}[/dim]", soft_wrap=True)
+        model, tokenizer, device = _load_for_generation(target)
         options = GenerationOptions(max_new_tokens, temperature, top_p, greedy, seed)
         generate_reply(model, tokenizer, device, prompt, options, raw=raw)
     except LorakitError as err:
@@ -185,10 +193,9 @@ def chat(
 ) -> None:
     """Chat through the tokenizer's chat template, replies streamed; /exit quits, /reset clears."""
     try:
-        from lorakit.generate import GenerationOptions, chat_loop, load_for_generation
+        from lorakit.generate import GenerationOptions, chat_loop
 
-        model, tokenizer, device, what = load_for_generation(target)
-        console.print(f"[dim]{what}[/dim]", soft_wrap=True)
+        model, tokenizer, device = _load_for_generation(target)
         options = GenerationOptions(max_new_tokens, temperature, top_p, greedy, seed)
         chat_loop(model, tokenizer, device, options, console, system=system)
     except LorakitError as err:

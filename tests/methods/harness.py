@@ -94,8 +94,9 @@ def head_count(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n.startswith(("score", "classifier")))
 
 
-def check_resume_continues(tmp_path, method_cfg: dict, cut: int = 3) -> None:
-    """Train 6 toy steps; resume a copy from the step-``cut`` checkpoint; the next losses are identical."""
+def check_resume_continues(tmp_path, method_cfg: dict, cut: int = 3):
+    """Train 6 toy steps; resume a copy from the step-``cut`` checkpoint: the next losses and the final
+    adapter tensors are identical. Returns (full trainer, resumed trainer)."""
     import shutil
 
     import pytest
@@ -103,7 +104,8 @@ def check_resume_continues(tmp_path, method_cfg: dict, cut: int = 3) -> None:
     from lorakit.train.checkpoint import read_checkpoint_meta
     from tests.train.test_loop import losses, make_trainer
 
-    make_trainer(tmp_path, "full", method=method_cfg).train()
+    full = make_trainer(tmp_path, "full", method=method_cfg)
+    full.train()
     ckpt = tmp_path / f"cut/checkpoints/step-{cut:06d}"
     shutil.copytree(tmp_path / f"full/checkpoints/step-{cut:06d}", ckpt)
     _, state = read_checkpoint_meta(ckpt)
@@ -114,3 +116,14 @@ def check_resume_continues(tmp_path, method_cfg: dict, cut: int = 3) -> None:
     assert sorted(got) == list(range(cut + 1, 7)) and expected[6] != expected[cut + 1]
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
+    final, again = adapter_state_dict(full.model), adapter_state_dict(resumed.model)
+    for key in final:
+        torch.testing.assert_close(again[key], final[key], rtol=1e-6, atol=1e-7)
+    return full, resumed
+
+
+def check_merged_like_peft(method, peft_merged) -> None:
+    """Every merged adapter layer's weight equals PEFT's ``merge_and_unload`` weight (fp32)."""
+    for name, layer in method.layers.items():
+        torch.testing.assert_close(layer.merged_layer().weight, peft_merged.get_submodule(name).weight,
+                                   rtol=1e-5, atol=1e-6)

@@ -189,9 +189,7 @@ def test_merged_weights_match_peft(kind):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merged_peft = _peft_twin(kind, model, method).merge_and_unload()
-    for name, layer in method.layers.items():
-        torch.testing.assert_close(layer.merged_layer().weight, merged_peft.get_submodule(name).weight,
-                                   rtol=1e-5, atol=1e-6)
+    H.check_merged_like_peft(method, merged_peft)
 
 
 def test_resume_continues_identically(tmp_path):

@@ -1,5 +1,4 @@
 import json
-import shutil
 
 import pytest
 import torch
@@ -7,7 +6,6 @@ from rich.console import Console
 
 from lorakit.config import recipe_from_dict
 from lorakit.methods import build_method
-from lorakit.train.checkpoint import load_adapter_weights, read_checkpoint_meta
 from lorakit.train.loop import Trainer
 from tests.conftest import tiny_bert, tiny_llama
 from tests.helpers import toy_data
@@ -46,21 +44,10 @@ def test_training_lowers_loss(tmp_path, kind):
 
 
 def test_resume_gives_same_next_losses(tmp_path):
-    full = make_trainer(tmp_path, "full")
-    full.train()
-    expected = losses(tmp_path / "full")
-    # an "interrupted" run: only the step-3 checkpoint survives
-    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full/checkpoints/step-000003", tmp_path / "cut/checkpoints/step-000003")
-    ckpt = tmp_path / "cut/checkpoints/step-000003"
-    _, state = read_checkpoint_meta(ckpt)
-    resumed = make_trainer(tmp_path, "cut", method_state=state)
-    load_adapter_weights(resumed.model, ckpt / "adapter.safetensors")
-    resumed.train(resume_from=ckpt)
-    got = losses(tmp_path / "cut")
-    assert sorted(got) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
+    """LoRA with dropout: an "interrupted" run resumed from its step-3 checkpoint matches the full run."""
+    from tests.methods.harness import check_resume_continues
+
+    check_resume_continues(tmp_path, {"name": "lora"})
 
 
 def test_accumulation_matches_big_batch(tmp_path):
