@@ -15,7 +15,7 @@ def make_trainer(tmp_path, name="run", method=None, train=None, kind="llama", me
     task = "seq_cls" if kind == "bert" else "causal_lm"
     recipe = recipe_from_dict({
         "model": {"task": task},
-        "method": {"name": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, **(method or {})},
+        "method": {"name": "lora", "r": 4, "lora_dropout": 0.1, **(method or {})},
         "train": {"learning_rate": 1e-2, "batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 6,
                   "save_every": 3, "warmup_ratio": 0.2, "lr_scheduler": "cosine", "weight_decay": 0.01, **(train or {})},
         "output_dir": str(tmp_path / name),
