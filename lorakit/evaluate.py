@@ -40,6 +40,7 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device:
     :mod:`lorakit.fast.cross_entropy`) sums the causal-LM loss without full-vocabulary logits where the
     model allows it; ``full`` always computes the logits.
     """
+    from lorakit.data.collate import without_causal_padding_mask
     from lorakit.fast.cross_entropy import causal_lm_loss
 
     was_training = model.training
@@ -47,6 +48,8 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device:
     total, count = 0.0, 0
     preds, golds = [], []
     for batch in batches:
+        if task != "seq_cls":
+            batch = without_causal_padding_mask(batch)  # same outputs for real tokens; no sync
         batch = to_device(batch, device)
         if task != "seq_cls" and cross_entropy != "full":
             with autocast(device):

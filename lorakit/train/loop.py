@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lorakit.config import recipe_to_dict
+from lorakit.data.collate import without_causal_padding_mask
 from lorakit.errors import LorakitError
 from lorakit.evaluate import autocast, evaluate_model, to_device
 from lorakit.fast import accelerate, causal_lm_loss, resolve_cross_entropy
@@ -101,6 +102,8 @@ class Trainer:
     # ---- pieces ---------------------------------------------------------------------------------
     def loss(self, batch: dict, num_items: int | None = None) -> torch.Tensor:
         """Loss of one batch: the sum over loss items divided by ``num_items`` (default: its own)."""
+        if self.task != "seq_cls":
+            batch = without_causal_padding_mask(batch)
         batch = to_device(batch, self.device)
         items = num_items or count_loss_items(batch, self.task)
         with autocast(self.device):
