@@ -18,6 +18,24 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def without_causal_padding_mask(batch: dict) -> dict:
+    """``batch`` without its ``attention_mask`` when that mask only marks right padding (each row ones
+    then zeros), for a causal LM: under the causal mask a real token never attends to a later pad token,
+    so the real tokens' outputs, the loss (pads carry label -100) and every gradient are unchanged.
+    Without the 2-D mask transformers passes ``is_causal`` to SDPA (causal kernels that skip the masked
+    half, also under ``torch.compile``, which otherwise gets a dense mask) and skips its
+    ``mask.all()`` check, a host-device sync per forward. Checked on the (CPU) tensor as given; any
+    other mask (left padding, holes) is kept. Returns a new dict or ``batch`` itself."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.device.type != "cpu" or mask.ndim != 2:
+        return batch
+    if mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
+        return batch
+    if bool((mask[:, 0] == 0).any()):  # an empty row: keep the mask (nothing to attend to)
+        return batch
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
+
+
 def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float:
     """Unweighted mean over classes of F1 = 2·TP / (2·TP + FP + FN); a class absent from both counts 0."""
     scores = []
@@ -40,7 +58,6 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device:
     :mod:`lorakit.fast.cross_entropy`) sums the causal-LM loss without full-vocabulary logits where the
     model allows it; ``full`` always computes the logits.
     """
-    from lorakit.data.collate import without_causal_padding_mask
     from lorakit.fast.cross_entropy import causal_lm_loss
 
     was_training = model.training

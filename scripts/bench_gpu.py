@@ -134,6 +134,7 @@ def lorakit_setup(shape, name, device, batch, train=None, method=None, grad_ckpt
     m = {"name": name, "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": SEVEN}
     if name == "vera":
         m.update(r=256, target_modules=["q_proj", "v_proj"])
+        del m["lora_alpha"]  # VeRA has no alpha (rejected since VeRA validates it)
     if name == "delta_lora":
         m["delta_start_step"] = 0  # the W update is on from the first step on
     m.update(method or {})

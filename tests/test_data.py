@@ -325,7 +325,7 @@ def test_packed_batch_matches_unpacked_logits(tmp_path, tiny_tokenizer, attn):
 def test_right_padding_mask_is_dropped_with_identical_loss_and_gradients():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lorakit.data.collate import without_causal_padding_mask
+    from lorakit.evaluate import without_causal_padding_mask
 
     torch.manual_seed(0)
     rows = [{"input_ids": list(range(3, 12)), "labels": list(range(3, 12))},
@@ -353,7 +353,7 @@ def test_right_padding_mask_is_dropped_with_identical_loss_and_gradients():
 
 
 def test_other_masks_are_kept():
-    from lorakit.data.collate import without_causal_padding_mask
+    from lorakit.evaluate import without_causal_padding_mask
 
     ids = torch.ones(2, 4, dtype=torch.long)
     for mask in ([[0, 1, 1, 1], [1, 1, 1, 1]], [[1, 0, 1, 1], [1, 1, 1, 1]], [[0, 0, 0, 0], [1, 1, 1, 1]]):

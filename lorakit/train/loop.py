@@ -19,9 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lorakit.config import recipe_to_dict
-from lorakit.data.collate import without_causal_padding_mask
 from lorakit.errors import LorakitError
-from lorakit.evaluate import autocast, evaluate_model, to_device
+from lorakit.evaluate import autocast, evaluate_model, to_device, without_causal_padding_mask
 from lorakit.fast import accelerate, causal_lm_loss, resolve_cross_entropy
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.optim import build_optimizer, build_scheduler

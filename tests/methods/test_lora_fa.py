@@ -125,7 +125,8 @@ def test_gradient_projection_equals_formula_also_when_accumulated():
     A = raw.lora_A.weight.double()
     s = raw.scaling
     expected = raw.lora_B.weight.grad.double() @ torch.linalg.inv(A @ A.T) / s**2
-    torch.testing.assert_close(proj.lora_B.weight.grad.double(), expected, rtol=1e-5, atol=1e-8)
+    # fp32 solve against (AAᵀ)⁻¹ vs the fp64 formula: 1e-4 relative (1.1e-5 seen on an AVX-512 CPU)
+    torch.testing.assert_close(proj.lora_B.weight.grad.double(), expected, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(proj.lora_B.weight.grad, raw.lora_B.weight.grad)
     assert proj.lora_A.weight.grad is None
 
