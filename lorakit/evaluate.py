@@ -18,16 +18,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def without_causal_padding_mask(batch: dict) -> dict:
+def without_causal_padding_mask(batch: dict, task: str = "causal_lm") -> dict:
     """``batch`` without its ``attention_mask`` when that mask only marks right padding (each row ones
-    then zeros), for a causal LM: under the causal mask a real token never attends to a later pad token,
+    then zeros) and ``task`` is a causal LM (``seq_cls`` batches are returned as they are): under the causal mask a real token never attends to a later pad token,
     so the real tokens' outputs, the loss (pads carry label -100) and every gradient are unchanged.
     Without the 2-D mask transformers passes ``is_causal`` to SDPA (causal kernels that skip the masked
     half, also under ``torch.compile``, which otherwise gets a dense mask) and skips its
     ``mask.all()`` check, a host-device sync per forward. Checked on the (CPU) tensor as given; any
     other mask (left padding, holes) is kept. Returns a new dict or ``batch`` itself."""
     mask = batch.get("attention_mask")
-    if mask is None or mask.device.type != "cpu" or mask.ndim != 2:
+    if task == "seq_cls" or mask is None or mask.device.type != "cpu" or mask.ndim != 2:
         return batch
     if mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
         return batch
@@ -65,9 +65,7 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device:
     total, count = 0.0, 0
     preds, golds = [], []
     for batch in batches:
-        if task != "seq_cls":
-            batch = without_causal_padding_mask(batch)  # same outputs for real tokens; no sync
-        batch = to_device(batch, device)
+        batch = to_device(without_causal_padding_mask(batch, task), device)
         if task != "seq_cls" and cross_entropy != "full":
             with autocast(device):
                 summed = causal_lm_loss(model, batch, 1, cross_entropy)  # Σ CE over label tokens

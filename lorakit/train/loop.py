@@ -101,9 +101,7 @@ class Trainer:
     # ---- pieces ---------------------------------------------------------------------------------
     def loss(self, batch: dict, num_items: int | None = None) -> torch.Tensor:
         """Loss of one batch: the sum over loss items divided by ``num_items`` (default: its own)."""
-        if self.task != "seq_cls":
-            batch = without_causal_padding_mask(batch)
-        batch = to_device(batch, self.device)
+        batch = to_device(without_causal_padding_mask(batch, self.task), self.device)
         items = num_items or count_loss_items(batch, self.task)
         with autocast(self.device):
             if self.task == "seq_cls":
