@@ -21,7 +21,9 @@ Speed (same math): the branch runs at the full width r with the columns ≥ b of
 (B[:, :b] A[:b] = B·diag(1_{i<b})·A exactly), so every step has LoRA's matrix shapes, and is added to the
 base output by LoRA's one ``addmm`` (:func:`lorakit.fast.ops.lora_into`) where the dtypes allow it; the
 rows/columns that must not learn get their gradient zeroed by a mask instead of being cut off by
-slicing and concatenation. The restore after the optimizer step works on one flat copy of all A and B
+slicing and concatenation. In training the masks and s_b live in small device tensors that
+:meth:`DyLora.start_step` overwrites in place (:class:`RankMasks`), so the layers read no Python
+number that changes per step and a ``torch.compile``-d layer is not recompiled for every b. The restore after the optimizer step works on one flat copy of all A and B
 (one multi-tensor copy in, one masked select, one multi-tensor copy back) instead of per-layer clones.
 """
 
@@ -52,6 +54,22 @@ def span(r: int, lo: int, hi: int, dim: int, device: torch.device) -> torch.Tens
     return _SPANS[key]
 
 
+class RankMasks:
+    """The training rank b of one step as device tensors, rewritten in place each step (same objects,
+    so compiled graphs see new values, not new constants): ``train`` ``(r,)`` bool, True for the rows
+    of A / columns of B that learn (lo ≤ i < b); ``scale`` ``(r,)`` fp32, s_b for i < b and 0 beyond."""
+
+    def __init__(self, r: int, device: torch.device):
+        self.train = torch.zeros(r, dtype=torch.bool, device=device)
+        self.scale = torch.zeros(r, dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def set(self, lo: int, b: int, s: float) -> None:
+        i = torch.arange(self.train.numel())
+        self.train.copy_((i >= lo) & (i < b), non_blocking=True)
+        self.scale.copy_(torch.where(i < b, s, 0.0), non_blocking=True)
+
+
 class DyLoraConfig(MethodConfig):
     """LoRA's fields (``r`` is r_max) plus ``update``: ``frozen`` (only rank b learns) or ``all``."""
 
@@ -66,6 +84,7 @@ class DyLoraLayer(LoraLayer):
         super().__init__(base_layer, cfg)
         self.lora_alpha, self.use_rslora, self.update = cfg.lora_alpha, cfg.use_rslora, cfg.update
         self.train_rank = self.r
+        self.rank_masks: RankMasks | None = None  # set by DyLora.start_step
         self.set_rank(self.r)
 
     def rank_scaling(self, b: int) -> float:
@@ -77,18 +96,19 @@ class DyLoraLayer(LoraLayer):
         self.rank, self.scaling = b, self.rank_scaling(b)
 
     def rank_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A ``(r, in)``, B ``(out, r)`` with columns ≥ b zeroed, s_b) for the rank b in use, so that
-        B'A' = B[:, :b] A[:b] exactly. In training at rank b only rows/columns lo..b−1 of A and B get a
-        gradient (lo = b − 1 with ``update: frozen``, else 0); the others get exact zeros, as if detached
-        (rows ≥ b of A through B's zero columns)."""
+        """(A ``(r, in)``, B ``(out, r)`` with columns ≥ b zeroed, s) for the rank b in use, so that
+        s·B'A' = s_b·B[:, :b] A[:b] exactly. In training at rank b only rows/columns lo..b−1 of A and B
+        get a gradient (lo = b − 1 with ``update: frozen``, else 0); the others get exact zeros, as if
+        detached (rows ≥ b of A through B's zero columns). In training s_b is folded into B' (from
+        :class:`RankMasks`) and s = 1; outside training s = s_b."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        masks = self.rank_masks
+        if self.training and masks is not None and masks.train.device == A.device:
+            A = torch.where(masks.train[:, None], A, A.detach())
+            return A, torch.where(masks.train[None, :], B, B.detach()) * masks.scale, 1.0
         b = self.train_rank if self.training else self.rank
-        lo = b - 1 if self.training and self.update == "frozen" else 0
-        A, B, r, dev = self.lora_A.weight, self.lora_B.weight, self.r, self.lora_A.weight.device
-        if lo > 0:
-            A = torch.where(span(r, lo, b, 0, dev), A, A.detach())
-            B = torch.where(span(r, lo, b, 1, dev), B, torch.where(span(r, 0, lo, 1, dev), B.detach(), 0))
-        elif b < r:
-            B = torch.where(span(r, 0, b, 1, dev), B, 0)
+        if b < self.r:
+            B = torch.where(span(self.r, 0, b, 1, A.device), B, 0)
         return A, B, self.rank_scaling(b)
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,6 +196,7 @@ class DyLora(Method):
     def __init__(self, cfg: DyLoraConfig):
         super().__init__(cfg)
         self.current = cfg.r  # the rank drawn for the current training step
+        self._masks: dict[torch.device, RankMasks] = {}  # this step's rank, per device of the layers
         self._snapshots: list[FlatSnapshot] = []
         self._snapshot_key: tuple = ()
         self._pending = False  # a snapshot waits to be restored
@@ -190,6 +211,14 @@ class DyLora(Method):
         self.current = b
         for layer in self.layers.values():
             layer.train_rank = b
+            dev = layer.lora_A.weight.device
+            if dev not in self._masks:
+                self._masks[dev] = RankMasks(self.cfg.r, dev)
+            layer.rank_masks = self._masks[dev]
+        lo = b - 1 if self.cfg.update == "frozen" else 0
+        s_b = self.cfg.lora_alpha / (b**0.5 if self.cfg.use_rslora else b)
+        for masks in self._masks.values():
+            masks.set(lo, b, s_b)
         for snap in self.snapshots():
             snap.save()
         self._pending = True
