@@ -8,10 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; fp32 (no autocast) on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+from lorakit.precision import autocast  # noqa: F401  (train.precision; re-exported for the callers)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -49,14 +46,15 @@ def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> floa
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device: torch.device,
-                   cross_entropy: str = "full") -> dict:
+                   cross_entropy: str = "full", precision: str = "auto") -> dict:
     """Metrics over all ``batches`` (collated dicts with ``labels``).
 
     Causal LM: ``eval_loss`` = mean cross-entropy (nats) over label tokens (labels ≠ -100, shifted by
     one), ``perplexity`` = exp(eval_loss), ``eval_tokens``. Classification: ``eval_loss``, ``accuracy``,
     ``macro_f1``, ``eval_examples``. ``cross_entropy`` (``chunked`` / ``liger``, see
     :mod:`lorakit.fast.cross_entropy`) sums the causal-LM loss without full-vocabulary logits where the
-    model allows it; ``full`` always computes the logits.
+    model allows it; ``full`` always computes the logits. ``precision`` (``train.precision``: auto,
+    bf16, fp32; :mod:`lorakit.precision`) is the autocast decision, the same as training's.
     """
     from lorakit.fast.cross_entropy import causal_lm_loss
 
@@ -67,14 +65,14 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device:
     for batch in batches:
         batch = to_device(without_causal_padding_mask(batch, task), device)
         if task != "seq_cls" and cross_entropy != "full":
-            with autocast(device):
+            with autocast(device, precision):
                 summed = causal_lm_loss(model, batch, 1, cross_entropy)  # Σ CE over label tokens
             if summed is not None:
                 total += summed.item()
                 count += (batch["labels"][:, 1:] != -100).sum().item()
                 continue
         labels = batch.pop("labels")
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(**batch).logits.float()
         if task == "seq_cls":
             total += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
@@ -103,8 +101,10 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device:
 
 
 @torch.no_grad()
-def generate_samples(model, tokenizer, prompts: list, device: torch.device, max_new_tokens: int = 48) -> list[str]:
-    """Greedy continuations of ``prompts`` (chat message lists go through the chat template)."""
+def generate_samples(model, tokenizer, prompts: list, device: torch.device, max_new_tokens: int = 48,
+                     precision: str = "auto") -> list[str]:
+    """Greedy continuations of ``prompts`` (chat message lists go through the chat template), under the
+    autocast of ``precision`` (``train.precision``)."""
     was_training = model.training
     model.eval()
     outputs = []
@@ -114,7 +114,7 @@ def generate_samples(model, tokenizer, prompts: list, device: torch.device, max_
         else:
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         ids = ids.to(device)
-        with autocast(device):
+        with autocast(device, precision):
             out = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                 do_sample=False, pad_token_id=tokenizer.pad_token_id,

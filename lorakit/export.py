@@ -33,6 +33,8 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.methods.base import AdapterLayer, Method
 from lorakit.methods.lora import LoraLayer
+from lorakit.models import model_device
+from lorakit.precision import cpu_check_overrides, recipe_precision
 
 PREFIX = "base_model.model."
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
@@ -183,7 +185,8 @@ def peft_logits(folder: Path, session, batches) -> list[torch.Tensor] | None:
 
     recipe = session.recipe
     labels = getattr(session.data, "label_names", None) if recipe.model.task == "seq_cls" else None
-    base = load_model(recipe.model, num_labels=len(labels) if labels else None, label_names=labels)
+    base = load_model(recipe.model, num_labels=len(labels) if labels else None, label_names=labels,
+                      precision=recipe.train.precision)
     if recipe.model.quantization is not None:
         from lorakit.quant import prepare_kbit_model
 
@@ -191,7 +194,7 @@ def peft_logits(folder: Path, session, batches) -> list[torch.Tensor] | None:
     model = PeftModel.from_pretrained(base, str(folder))
     if recipe.model.quantization is None:
         model.to(session.device)
-    return _logits(model, batches, session.device)
+    return _logits(model, batches, session.device, recipe_precision(recipe, session.device))
 
 
 def export_run(run: Path, output: Path, console: Console, rank: int | None = None, base_model: str | None = None,
@@ -209,7 +212,7 @@ def export_run(run: Path, output: Path, console: Console, rank: int | None = Non
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise LorakitError(f"--output {output}: folder exists and is not empty")
-    session, path = load_checkpoint_session(run, console)
+    session, path = load_checkpoint_session(run, console, cpu_check_overrides(model_device()))  # fp32 on CPU
     method = session.method
     _set_rank(method, rank)
     if not write_peft_folder(output, session.model, method, session.recipe, base_model, session.tokenizer):
@@ -221,7 +224,7 @@ def export_run(run: Path, output: Path, console: Console, rank: int | None = Non
     if not check:
         return None
     batches = list(iterate_batches(session.data.eval, session.data.collate, 4, seed=None))[:2]
-    before = _logits(session.model, batches, session.device)
+    before = _logits(session.model, batches, session.device, recipe_precision(session.recipe, session.device))
     session.model = None
     after = peft_logits(output, session, batches)
     if after is None:

@@ -109,7 +109,7 @@ def load_for_generation(target: str) -> tuple[torch.nn.Module, object, torch.dev
         raise LorakitError(f"{target}: a {recipe.model.task} model classifies, it does not generate text")
     mcfg = recipe.model if recipe is not None else ModelConfig(name_or_path=str(target))
     tokenizer = load_tokenizer(mcfg)
-    model = load_model(mcfg)
+    model = load_model(mcfg, precision=recipe.train.precision if recipe is not None else "auto")
     if recipe is not None:
         if mcfg.quantization is not None:
             prepare_kbit_model(model)
@@ -150,7 +150,7 @@ def generate_reply(model, tokenizer, device, prompt: list[dict] | str, options: 
             torch.manual_seed(options.seed)
     if stream:
         kwargs["streamer"] = _Stream(tokenizer, stream if callable(stream) else None)
-    with autocast(device):
+    with autocast(device, "bf16" if model.dtype == torch.bfloat16 else "fp32"):  # as loaded (train.precision)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     new = out[0, ids.shape[1]:]
     return tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel())

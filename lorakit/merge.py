@@ -17,6 +17,8 @@ from rich.console import Console
 
 from lorakit.errors import LorakitError
 from lorakit.evaluate import autocast, to_device
+from lorakit.models import model_device
+from lorakit.precision import cpu_check_overrides, recipe_precision
 from lorakit.quant import dequantize_model, is_quantized_model
 from lorakit.session import load_checkpoint_session
 from lorakit.train import checkpoint as ckpt
@@ -27,12 +29,12 @@ ONTO = ("dequant", "original")
 
 
 @torch.no_grad()
-def _logits(model, batches, device) -> list[torch.Tensor]:
+def _logits(model, batches, device, precision: str) -> list[torch.Tensor]:
     model.eval()
     outs = []
     for batch in batches:
         batch = to_device({k: v for k, v in batch.items() if k != "labels"}, device)
-        with autocast(device):
+        with autocast(device, precision):
             outs.append(model(**batch).logits.float().cpu())
     return outs
 
@@ -54,7 +56,8 @@ def _onto_original(session, path: Path, rank: int | None):
     recipe = session.recipe
     labels = getattr(session.data, "label_names", None) if recipe.model.task == "seq_cls" else None
     model = load_model(recipe.model.model_copy(update={"quantization": None}),
-                       num_labels=len(labels) if labels else None, label_names=labels)
+                       num_labels=len(labels) if labels else None, label_names=labels,
+                       precision=recipe.train.precision)
     if is_quantized_model(model) or getattr(model, "hf_quantizer", None) is not None:
         raise LorakitError(f"--onto original: {recipe.model.name_or_path} is stored quantized, so it has no "
                            "original weights to merge onto; use --onto dequant")
@@ -127,19 +130,20 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise LorakitError(f"--output {output}: folder exists and is not empty")
-    session, path = load_checkpoint_session(run, console)
+    session, path = load_checkpoint_session(run, console, cpu_check_overrides(model_device()))  # fp32 on CPU
     method = session.method
     if not method.mergeable:
         raise LorakitError(f"method {method.name} cannot be merged into the base weights")
     _set_rank(method, rank)
     batches = list(iterate_batches(session.data.eval, session.data.collate, 4, seed=None))[:2]
-    before = _logits(session.model, batches, session.device)
+    precision = recipe_precision(session.recipe, session.device)
+    before = _logits(session.model, batches, session.device, precision)
     model, target, quant = session.model, DTYPES.get(dtype), session.recipe.model.quantization
     base = "the base weights"
     if quant is not None:
         from lorakit.models import _dtype
 
-        target = target or _dtype(session.recipe.model)  # auto: the dtype the base was loaded in
+        target = target or _dtype(session.recipe.model, precision)  # auto: the dtype the base was loaded in
         base = f"dequant(Wq) of the {quant} base (reproduces the adapter model)"
         if onto == "original":
             session.model = model = None  # free the k-bit copy
@@ -154,7 +158,7 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
     session.model = model = None
     mcfg = session.recipe.model
     reloaded = load_merged(tmp, mcfg.task, mcfg.trust_remote_code).to(session.device)  # what users will load
-    after = _logits(reloaded, batches, session.device)
+    after = _logits(reloaded, batches, session.device, precision)
     diff = max((a - b).abs().max().item() for a, b in zip(before, after))
     if output.exists():
         output.rmdir()

@@ -128,9 +128,13 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def _dtype(cfg: ModelConfig) -> torch.dtype:
+def _dtype(cfg: ModelConfig, precision: str = "auto") -> torch.dtype:
+    """``cfg.dtype``; ``auto`` is the compute dtype of ``train.precision`` on :func:`model_device`."""
     if cfg.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        from lorakit.precision import resolve_precision
+
+        bf16 = resolve_precision(precision, model_device(), cfg.quantization is not None) == "bf16"
+        return torch.bfloat16 if bf16 else torch.float32
     return getattr(torch, cfg.dtype)
 
 
@@ -153,12 +157,15 @@ def _quantization_config(cfg: ModelConfig):
     )
 
 
-def load_model(cfg: ModelConfig, num_labels: int | None = None, label_names: list[str] | None = None):
+def load_model(cfg: ModelConfig, num_labels: int | None = None, label_names: list[str] | None = None,
+               precision: str = "auto"):
     """Load the base model for ``cfg.task``: ``causal_lm`` → ``AutoModelForCausalLM``; ``seq_cls`` →
     ``AutoModelForSequenceClassification`` with a new head of ``num_labels`` outputs, ``id2label`` from
     ``label_names`` and ``config.pad_token_id`` from the tokenizer (the head reads the last non-pad token).
 
-    ``cfg.dtype`` ``auto`` is bfloat16 on CUDA, float32 on CPU. SDPA attention. Nothing is frozen.
+    ``cfg.dtype`` ``auto`` follows ``precision`` (``train.precision``, :mod:`lorakit.precision`):
+    bfloat16 where it resolves to bf16 (CUDA; CPUs with native bf16), else float32. SDPA attention.
+    Nothing is frozen.
 
     Raises:
         LorakitError: seq_cls without ``num_labels``; labels that disagree with ``num_labels``; a name
@@ -166,7 +173,7 @@ def load_model(cfg: ModelConfig, num_labels: int | None = None, label_names: lis
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict = dict(dtype=_dtype(cfg), trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa")
+    kwargs: dict = dict(dtype=_dtype(cfg, precision), trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa")
     if (qcfg := _quantization_config(cfg)) is not None:
         kwargs["quantization_config"] = qcfg
     if cfg.task == "seq_cls":

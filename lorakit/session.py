@@ -63,7 +63,8 @@ def build_session(recipe: Recipe, console: Console, method_state: dict | None = 
     tokenizer = load_tokenizer(recipe.model)
     num_labels = len(raw.label_names) if task == "seq_cls" else None
     torch.manual_seed(recipe.train.seed)
-    model = load_model(recipe.model, num_labels=num_labels, label_names=raw.label_names)
+    model = load_model(recipe.model, num_labels=num_labels, label_names=raw.label_names,
+                       precision=recipe.train.precision)
     data = tokenize(raw, recipe.data, tokenizer, task)
     device = model_device()
     method = build_method(recipe.method)

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from lorakit.config import ModelConfig
 from lorakit.errors import LorakitError
 from lorakit.models import load_model, load_tokenizer, model_device, resolve_model_path
+from lorakit.precision import resolve_precision
 
 WORDS = ["<unk>", "<eos>", "the", "capital", "of", "france", "is", "paris", "a", "city"]
 
@@ -35,10 +36,12 @@ def test_local_folder_loads(tiny_llama):
     assert resolve_model_path(tiny_llama) == tiny_llama
     tok = load_tokenizer(cfg)
     assert tok.pad_token == tok.eos_token == "<eos>" and tok.padding_side == "right"
-    model = load_model(cfg)
+    model = load_model(cfg, precision="fp32")
     assert type(model).__name__ == "LlamaForCausalLM"
-    assert model.dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.dtype == torch.float32 and model.config._attn_implementation == "sdpa"
+    assert load_model(cfg, precision="bf16").dtype == torch.bfloat16  # model.dtype auto follows train.precision
+    auto = load_model(cfg).dtype
+    assert auto == (torch.bfloat16 if resolve_precision("auto", model_device()) == "bf16" else torch.float32)
     assert all(p.requires_grad for p in model.parameters())  # nothing frozen here
     assert load_model(cfg.model_copy(update={"dtype": "bfloat16"})).dtype == torch.bfloat16
 

@@ -22,6 +22,7 @@ from lorakit.config import recipe_to_dict
 from lorakit.errors import LorakitError
 from lorakit.evaluate import autocast, evaluate_model, to_device, without_causal_padding_mask
 from lorakit.fast import accelerate, causal_lm_loss, resolve_cross_entropy
+from lorakit.precision import recipe_precision
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.optim import build_optimizer, build_scheduler
 
@@ -96,6 +97,7 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0  # wall time inside optimizer steps (no evaluation or saving)
         self.cross_entropy = resolve_cross_entropy(cfg.cross_entropy, device)  # lorakit.fast
+        self.precision = recipe_precision(recipe, device)  # bf16 autocast or fp32 (lorakit.precision), eval too
         self.levers = accelerate(model, cfg, device)  # liger kernels / torch.compile, as the recipe asks
 
     # ---- pieces ---------------------------------------------------------------------------------
@@ -103,7 +105,7 @@ class Trainer:
         """Loss of one batch: the sum over loss items divided by ``num_items`` (default: its own)."""
         batch = to_device(without_causal_padding_mask(batch, self.task), self.device)
         items = num_items or count_loss_items(batch, self.task)
-        with autocast(self.device):
+        with autocast(self.device, self.precision):
             if self.task == "seq_cls":
                 logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
                 return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum") / items
@@ -119,7 +121,7 @@ class Trainer:
 
         def run_eval() -> dict:
             batches = iterate_batches(self.data.eval, self.data.collate, bs, seed=None)
-            return evaluate_model(self.model, batches, self.task, self.device, self.cross_entropy)
+            return evaluate_model(self.model, batches, self.task, self.device, self.cross_entropy, self.precision)
 
         return self.method.evaluate(run_eval, **options)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from lorakit.config import load_recipe, recipe_to_dict
 from lorakit.errors import LorakitError
 from lorakit.evaluate import generate_samples
+from lorakit.precision import recipe_precision
 from lorakit.session import build_session, parameter_table
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.loop import Trainer
@@ -23,7 +25,8 @@ def _samples(session, console: Console, title: str) -> None:
     prompts = session.data.sample_prompts[: session.recipe.train.num_samples]
     if not prompts:
         return
-    answers = generate_samples(session.model, session.tokenizer, prompts, session.device)
+    answers = generate_samples(session.model, session.tokenizer, prompts, session.device,
+                               precision=recipe_precision(session.recipe, session.device))
     console.print(f"[bold]{title}[/]")
     for prompt, answer in zip(prompts, answers):
         question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
@@ -52,6 +55,8 @@ def check_resumable(saved: dict, current: dict, checkpoint: Path) -> None:
     Raises LorakitError naming the first differing field and both values.
     """
     old, new = _flatten(saved), _flatten(current)
+    if "train.precision" not in old:  # saved before the field existed: the run was bf16 on CUDA, fp32 on CPU
+        old["train.precision"] = "auto" if torch.cuda.is_available() else "fp32"
     for key in sorted(set(old) | set(new)):
         if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
             raise LorakitError(

@@ -52,8 +52,8 @@ def test_resume_gives_same_next_losses(tmp_path):
 
 def test_accumulation_matches_big_batch(tmp_path):
     """2 micro-batches of 4 with token-weighted accumulation = 1 batch of 8 (no dropout)."""
-    a = make_trainer(tmp_path, "a", method={"lora_dropout": 0.0}, train={"max_steps": 1, "batch_size": 4, "gradient_accumulation_steps": 2})
-    b = make_trainer(tmp_path, "b", method={"lora_dropout": 0.0}, train={"max_steps": 1, "batch_size": 8, "gradient_accumulation_steps": 1})
+    a = make_trainer(tmp_path, "a", method={"lora_dropout": 0.0}, train={"max_steps": 1, "batch_size": 4, "gradient_accumulation_steps": 2, "precision": "fp32"})
+    b = make_trainer(tmp_path, "b", method={"lora_dropout": 0.0}, train={"max_steps": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "precision": "fp32"})
     b.micro.per_epoch = a.micro.per_epoch  # same order: batch k of 8 = micro-batches 2k, 2k+1 of 4
     a.train(); b.train()
     assert losses(tmp_path / "a")[1] == pytest.approx(losses(tmp_path / "b")[1], rel=1e-5)

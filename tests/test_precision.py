@@ -1,0 +1,54 @@
+"""train.precision: what auto resolves to, recipe errors, and that evaluation follows training's choice."""
+
+import pytest
+import torch
+from rich.console import Console
+
+from lorakit import precision as P
+from lorakit.config import recipe_from_dict
+from lorakit.errors import RecipeError
+from lorakit.evaluate import evaluate_model
+from lorakit.methods import build_method
+from lorakit.train.loop import Trainer, iterate_batches
+from tests.conftest import tiny_llama
+from tests.helpers import toy_data
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_auto_is_bf16_on_cuda_and_native_bf16_cpus_only(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(P, "native_bf16_cpu", lambda native=native: native)
+        assert P.resolve_precision("auto", CPU) == ("bf16" if native else "fp32")
+        assert P.resolve_precision("auto", CPU, quantized=True) == "fp32"  # bitsandbytes computes in fp32 on CPU
+        assert P.resolve_precision("auto", CUDA) == "bf16"
+        assert P.resolve_precision("fp32", CUDA) == "fp32" and P.resolve_precision("bf16", CPU) == "bf16"
+    with pytest.raises(ValueError, match="train.precision 'fp16'"):
+        P.resolve_precision("fp16", CPU)
+
+
+def test_bad_value_is_one_line_naming_the_field():
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict({"train": {"precision": "half"}})
+    assert "train.precision = 'half' is invalid" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("choice", ["fp32", "bf16"])
+def test_trainer_evaluates_in_its_training_precision(tmp_path, choice):
+    recipe = recipe_from_dict({"method": {"name": "lora", "r": 4, "lora_dropout": 0.0},
+                               "train": {"batch_size": 4, "max_steps": 1, "precision": choice},
+                               "output_dir": str(tmp_path)})
+    model = tiny_llama()
+    method = build_method(recipe.method)
+    method.attach(model, "causal_lm")
+    data = toy_data()
+    trainer = Trainer(model, None, method, data, recipe, CPU, Console(quiet=True))
+
+    def direct(p):
+        batches = iterate_batches(data.eval, data.collate, 4, None)
+        return evaluate_model(model, batches, "causal_lm", CPU, "chunked", p)["eval_loss"]
+
+    assert trainer.precision == choice
+    got = trainer.evaluate()["eval_loss"]
+    assert got == direct(choice) and got != direct("fp32" if choice == "bf16" else "bf16")
+
