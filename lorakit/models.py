@@ -164,8 +164,8 @@ def load_model(cfg: ModelConfig, num_labels: int | None = None, label_names: lis
     ``label_names`` and ``config.pad_token_id`` from the tokenizer (the head reads the last non-pad token).
 
     ``cfg.dtype`` ``auto`` follows ``precision`` (``train.precision``, :mod:`lorakit.precision`):
-    bfloat16 where it resolves to bf16 (CUDA; CPUs with native bf16), else float32. SDPA attention.
-    Nothing is frozen.
+    bfloat16 where it resolves to bf16 (CUDA; CPUs with native bf16), else float32. SDPA attention
+    (a bf16 model on CPU: in fp32, :mod:`lorakit.fast.attention`). Nothing is frozen.
 
     Raises:
         LorakitError: seq_cls without ``num_labels``; labels that disagree with ``num_labels``; a name
@@ -194,4 +194,8 @@ def load_model(cfg: ModelConfig, num_labels: int | None = None, label_names: lis
         raise _load_error(cfg.name_or_path, err) from None
     if cfg.task == "seq_cls" or getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
+    if model_device().type == "cpu" and cfg.quantization is None:
+        from lorakit.fast.attention import use_fp32_attention
+
+        use_fp32_attention(model)  # bf16 on CPU: attention in fp32 is faster (lorakit.fast.attention)
     return model

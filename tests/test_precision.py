@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 
 from lorakit import precision as P
 from lorakit.config import recipe_from_dict
 from lorakit.errors import RecipeError
 from lorakit.evaluate import evaluate_model
+from lorakit.fast.attention import NAME, sdpa_fp32, use_fp32_attention
 from lorakit.methods import build_method
 from lorakit.train.loop import Trainer, iterate_batches
 from tests.conftest import tiny_llama
@@ -52,3 +54,17 @@ def test_trainer_evaluates_in_its_training_precision(tmp_path, choice):
     got = trainer.evaluate()["eval_loss"]
     assert got == direct(choice) and got != direct("fp32" if choice == "bf16" else "bf16")
 
+
+def test_fp32_attention_equals_sdpa_on_upcast_inputs():
+    model = tiny_llama().to(torch.bfloat16)
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 7, 8, generator=g).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # must not cast the fp32 copies back
+        out, _ = sdpa_fp32(attn, q, k, v, None, is_causal=True)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).transpose(1, 2)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want.bfloat16())
+    assert use_fp32_attention(model) and model.config._attn_implementation == NAME
+    assert not use_fp32_attention(tiny_llama())  # fp32 models keep transformers' SDPA
+    ids = torch.randint(0, 96, (2, 9), generator=g)
+    assert torch.isfinite(model(input_ids=ids).logits).all()

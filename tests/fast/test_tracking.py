@@ -4,7 +4,7 @@ Reference: PEFT's LoRA/DoRA (fp32 model and adapters, transformers' full-logit l
 PyTorch loop with torch AdamW, from lorakit's initial adapter tensors, on the same batches.
 Tolerances, stated in lorakit.fast and lorakit.precision: in fp32 each of the first 50 losses agrees
 within 1e-5 relative; on the bf16 path (``train.precision: bf16``: bf16 base as ``load_model`` gives
-it, bf16 autocast, fp32 adapter weights) within 1e-2 relative.
+it, fp32 attention on CPU, bf16 autocast, fp32 adapter weights) within 1e-2 relative.
 """
 
 import pytest
@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from lorakit.config import recipe_from_dict
+from lorakit.fast.attention import use_fp32_attention
 from lorakit.methods import build_method
 from lorakit.train.loop import Trainer
 from tests.conftest import tiny_llama
@@ -31,6 +32,7 @@ def fast_losses(name: str, tmp_path, precision: str = "fp32"):
     model = tiny_llama()
     if precision == "bf16":  # what load_model gives for model.dtype auto under bf16 (on CPU)
         model.to(torch.bfloat16)
+        assert use_fp32_attention(model)
     method = build_method(recipe.method)
     method.attach(model, "causal_lm")
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
