@@ -9,7 +9,9 @@ for QLoRA); PEFT 0.x runs a plain PyTorch loop (bf16 model, no autocast, torch A
 fp32 adapter weights). QLoRA: both over the same NF4 (double-quant, bf16 compute) base, quantized here
 with bitsandbytes; PEFT's model is not passed through ``prepare_model_for_kbit_training`` (it would
 cast the whole model to fp32).
-CPU (``--device cpu``): the real SmolLM2-135M-Instruct (``lorakit.models.load_model``), fp32, batch 2 × 128.
+CPU (``--device cpu``): the real SmolLM2-135M-Instruct (``lorakit.models.load_model``), batch 2 × 128;
+lorakit at its default ``train.precision`` (auto: a bf16 base + bf16 autocast on CPUs with native bf16,
+else fp32), PEFT in fp32 (its default; ``peft-lora [autocast bf16]`` loads the base in bf16).
 
 FLOPs per token (MFU column): 4·N_frozen (forward 2·N plus input gradients 2·N; frozen weights get no
 weight gradient; N counts every frozen matmul weight incl. the LM head) + attention 3·(2·T·d_q·L)
@@ -67,7 +69,7 @@ PAIR = {"lora": "peft-lora", "dora": "peft-dora", "qlora": "peft-qlora", "vera":
 
 
 # ---- models -------------------------------------------------------------------------------------
-def build_model(shape: str, device: torch.device, quantized: bool = False):
+def build_model(shape: str, device: torch.device, quantized: bool = False, precision: str = "auto"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -75,7 +77,8 @@ def build_model(shape: str, device: torch.device, quantized: bool = False):
         from lorakit.config import ModelConfig
         from lorakit.models import load_model
 
-        return load_model(ModelConfig(name_or_path="smollm2-135m-instruct", quantization="nf4" if quantized else None))
+        cfg = ModelConfig(name_or_path="smollm2-135m-instruct", quantization="nf4" if quantized else None)
+        return load_model(cfg, precision=precision)  # train.precision decides model.dtype auto
     spec = dict(SHAPES[shape])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     with torch.device(device):
@@ -145,7 +148,7 @@ def lorakit_setup(shape, name, device, batch, train=None, method=None, grad_ckpt
         "train": {"learning_rate": 1e-4, "batch_size": batch["input_ids"].shape[0], "max_steps": 10**6,
                   "lr_scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0, **(train or {})},
         "output_dir": "/tmp/bench-gpu-run"})
-    model = build_model(shape, device, quant)
+    model = build_model(shape, device, quant, recipe.train.precision)
     adapter = build_method(recipe.method)
     if quant:
         prepare_kbit_model(model)
@@ -161,14 +164,15 @@ def lorakit_setup(shape, name, device, batch, train=None, method=None, grad_ckpt
         model.enable_input_require_grads()
     trainer = Trainer(model, None, adapter, FakeData(batch), recipe, device, Console(quiet=True))
     optimizer, scheduler = trainer.make_optimizer()
-    return model, lambda b: trainer.optimizer_step([b], optimizer, scheduler)[0], trainer.levers
+    levers = trainer.levers + [f"precision {trainer.precision}"]
+    return model, lambda b: trainer.optimizer_step([b], optimizer, scheduler)[0], levers
 
 
 def peft_setup(shape, name, device, batch, dropout=0.0, autocast=False):
     from peft import LoraConfig, VeraConfig, get_peft_model
 
     kind = name.removeprefix("peft-")
-    model = build_model(shape, device, kind == "qlora")
+    model = build_model(shape, device, kind == "qlora", "bf16" if autocast else "fp32")  # PEFT's default: fp32
     if kind == "vera":
         cfg = VeraConfig(r=256, target_modules=["q_proj", "v_proj"], vera_dropout=dropout, d_initial=0.1)
     else:
@@ -510,7 +514,7 @@ def main() -> None:
         out_dir = os.path.dirname(os.path.abspath(args.out))
         for spec in args.profile or []:
             shape, name = spec.split(":")
-            vocab = SHAPES[shape]["vocab_size"]
+            vocab = 49152 if shape == "smollm2" else SHAPES[shape]["vocab_size"]
             fn = peft_setup if name.startswith("peft") else lorakit_setup
             try:
                 profile_steps(args, shape, name, lambda b: fn(shape, name, device, b), device, vocab, out_dir)
@@ -520,7 +524,7 @@ def main() -> None:
         for spec in args.lever_runs or []:
             shape, name, kv = spec.split(":")
             train = {k: json.loads(v) if v in ("true", "false") else v for k, v in (p.split("=") for p in kv.split(","))}
-            vocab = SHAPES[shape]["vocab_size"]
+            vocab = 49152 if shape == "smollm2" else SHAPES[shape]["vocab_size"]
             t0 = time.perf_counter()
             try:
                 row = run_one(args, shape, f"{name} {train}", lambda b: lorakit_setup(shape, name, device, b, train=train),
