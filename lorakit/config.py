@@ -102,7 +102,7 @@ class TrainConfig(Section):
     # speed levers (lorakit.fast; docs/benchmarks.md): causal-LM loss without full logits, fused kernels
     cross_entropy: Literal["auto", "chunked", "liger", "full"] = "auto"
     kernels: Literal["auto", "liger", "none"] = "auto"
-    compile: bool = False
+    compile: Literal["auto"] | bool = "auto"  # auto: on CUDA, unless the base is quantized or the method opts out
     optimizer: Literal["auto", "adamw", "paged_adamw"] = "auto"  # auto: paged AdamW over a k-bit base on CUDA
 
 

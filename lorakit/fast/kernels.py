@@ -9,8 +9,9 @@
   adapter layers inside the MLP keep working. Note: liger's SwiGLU backward overwrites its saved
   inputs (the gate/up outputs) with their gradients, so an adapter layer must not save its own output
   for its backward pass (none in lorakit does).
-- ``train.compile``: ``torch.compile`` each decoder layer (opt-in; compile time is paid at the first
-  steps, see docs/benchmarks.md).
+- ``train.compile`` (``auto``: on CUDA unless the base is quantized or the method sets
+  ``compile_by_default = False``; ``true``; ``false``): ``torch.compile`` each decoder layer (the
+  compile time, seconds, is paid at the first steps; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -85,17 +86,27 @@ def compile_layers(model: nn.Module) -> list[str]:
     return [f"compile×{len(layers)}"]
 
 
-def accelerate(model: nn.Module, train, device: torch.device) -> list[str]:
-    """Apply the recipe's model-level levers (``train.kernels``, ``train.compile``); returns their names."""
+def compile_wanted(train, device: torch.device, auto_ok: bool = True) -> bool:
+    """``train.compile`` resolved: ``auto`` compiles on CUDA where ``auto_ok`` (the caller's say: the
+    method does not opt out and the base is not quantized; docs/benchmarks.md has the measurements)."""
+    if train.compile == "auto":
+        return device.type == "cuda" and auto_ok
+    return bool(train.compile)
+
+
+def accelerate(model: nn.Module, train, device: torch.device, auto_compile: bool = True) -> list[str]:
+    """Apply the recipe's model-level levers (``train.kernels``, ``train.compile``); returns their names.
+    ``auto_compile``: whether ``train.compile: auto`` may compile on CUDA (see :func:`compile_wanted`)."""
     applied: list[str] = []
+    compiled = compile_wanted(train, device, auto_compile)
     # torch.compile fuses norms and activations itself and cannot trace liger's Triton kernels
-    use_liger = train.kernels == "liger" or (train.kernels == "auto" and device.type == "cuda" and not train.compile)
+    use_liger = train.kernels == "liger" or (train.kernels == "auto" and device.type == "cuda" and not compiled)
     if use_liger and liger_kernels_available():
         applied += apply_liger(model)
     elif train.kernels == "liger":
         from lorakit.errors import LorakitError
 
         raise LorakitError("train.kernels liger: liger-kernel is not installed (pip install liger-kernel; needs CUDA)")
-    if train.compile:
+    if compiled:
         applied += compile_layers(model)
     return applied
