@@ -219,6 +219,7 @@ class RssPeak:
 
 
 def free():
+    torch._dynamo.reset()  # compiled code of earlier configurations must not count against the recompile limit
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -262,20 +263,34 @@ def run_one(args, shape, label, setup, device, vocab):
     return row
 
 
-def count_syncs(fn) -> int:
-    """Host-device synchronizations torch reports (``set_sync_debug_mode``) while ``fn`` runs."""
+def count_syncs(fn) -> dict:
+    """Host-device synchronizations torch reports (``set_sync_debug_mode``) while ``fn`` runs, by the
+    innermost lorakit / transformers / peft / liger frame that caused them."""
+    import traceback
     import warnings
 
+    sites: dict[str, int] = {}
+
+    def hook(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if any(k in f.filename for k in ("lorakit", "transformers", "peft", "liger", "torch/nn", "torch/optim"))]
+        f = frames[-1] if frames else None
+        key = f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" if f else "?"
+        sites[key] = sites.get(key, 0) + 1
+
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = hook
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sites
 
 
 # ---- extras: max batch, loss tracking, GEMM peak ---------------------------------------------------
@@ -418,7 +433,7 @@ def table(rows, peak_tflops=None) -> str:
             continue
         base, _, variant = r["method"].partition(" [")
         ref = by.get((r["shape"], PAIR.get(r["method"]) or PAIR.get(base, "")))
-        own = by.get((r["shape"], "lora [" + variant)) if variant in ("eager]", "compile]") else by.get((r["shape"], "lora"))
+        own = by.get((r["shape"], "lora [" + variant)) if variant in ("eager]", "compile]", "cudagraphs]") else by.get((r["shape"], "lora"))
         mfu = f"{100 * r['tflops'] / peak_tflops:.1f}" if peak_tflops else f"{r['tflops'] * 1e3:.0f} GF/s"
         x = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else ""
         mem = f"{r['peak_gib'] / ref['peak_gib']:.2f}" if ref and ref["peak_gib"] > 0 else ""
@@ -499,7 +514,7 @@ def main() -> None:
     ap.add_argument("--no-levers", action="store_true")
     ap.add_argument("--no-max-batch", action="store_true")
     ap.add_argument("--no-track", action="store_true")
-    ap.add_argument("--variants", nargs="*", default=["default"], choices=["default", "eager", "compile"],
+    ap.add_argument("--variants", nargs="*", default=["default"], choices=["default", "eager", "compile", "cudagraphs"],
                     help="lorakit runs: the recipe default (train.compile: auto), train.compile: false / true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds; optional parts are skipped past it")
     ap.add_argument("--out", default="bench_gpu.json")
@@ -594,7 +609,7 @@ def main() -> None:
     methods = [m for m in order if m in (args.methods or order)]
     for shape in shapes:
         for variant in args.variants:  # default: the recipe default; eager / compile: train.compile false / true
-            train = {"eager": {"compile": False}, "compile": {"compile": True}}.get(variant)
+            train = {"eager": {"compile": False}, "compile": {"compile": True}, "cudagraphs": {"compile": "cudagraphs"}}.get(variant)
             suffix = f" [{variant}]" if train else ""
             for name in methods:
                 if name.startswith("peft"):

@@ -10,8 +10,10 @@
   inputs (the gate/up outputs) with their gradients, so an adapter layer must not save its own output
   for its backward pass (none in lorakit does).
 - ``train.compile`` (``auto``: on CUDA unless the base is quantized or the method sets
-  ``compile_by_default = False``; ``true``; ``false``): ``torch.compile`` each decoder layer (the
-  compile time, seconds, is paid at the first steps; see docs/benchmarks.md).
+  ``compile_by_default = False``; ``true``; ``false``; ``cudagraphs``: compiled layers replayed as CUDA
+  graphs, ``mode="reduce-overhead"``, with batches padded to a multiple of 64 tokens so few shapes
+  are recorded): ``torch.compile`` each decoder layer (the compile time, seconds, is paid at the
+  first steps; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -76,37 +78,43 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return None
 
 
-def compile_layers(model: nn.Module) -> list[str]:
-    """``torch.compile`` every decoder layer in place; returns ``["compile×N"]`` or [] if none found."""
+def compile_layers(model: nn.Module, mode: str | None = None) -> list[str]:
+    """``torch.compile`` every decoder layer in place (``mode``: torch.compile's, e.g.
+    ``reduce-overhead`` for CUDA graphs); returns ``["compile×N"]`` or [] if none found."""
     layers = decoder_layers(model)
     if layers is None:
         return []
     for layer in layers:
-        layer.compile()
-    return [f"compile×{len(layers)}"]
+        layer.compile(mode=mode)
+    return [f"compile×{len(layers)}" + (f" ({mode})" if mode else "")]
 
 
-def compile_wanted(train, device: torch.device, auto_ok: bool = True) -> bool:
-    """``train.compile`` resolved: ``auto`` compiles on CUDA where ``auto_ok`` (the caller's say: the
-    method does not opt out and the base is not quantized; docs/benchmarks.md has the measurements)."""
-    if train.compile == "auto":
-        return device.type == "cuda" and auto_ok
-    return bool(train.compile)
+def compile_mode(train, device: torch.device, auto_ok: bool = True) -> str | None:
+    """``train.compile`` resolved to torch.compile's mode: None (no compile), ``default``, or
+    ``reduce-overhead`` (``cudagraphs``: the compiled layers replayed as CUDA graphs, CUDA only).
+    ``auto`` compiles (``default``) on CUDA where ``auto_ok`` (the caller's say: the method does not opt
+    out and the base is not quantized; docs/benchmarks.md has the measurements)."""
+    choice = train.compile
+    if choice == "auto":
+        choice = device.type == "cuda" and auto_ok
+    if choice == "cudagraphs":
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    return "default" if choice else None
 
 
 def accelerate(model: nn.Module, train, device: torch.device, auto_compile: bool = True) -> list[str]:
     """Apply the recipe's model-level levers (``train.kernels``, ``train.compile``); returns their names.
-    ``auto_compile``: whether ``train.compile: auto`` may compile on CUDA (see :func:`compile_wanted`)."""
+    ``auto_compile``: whether ``train.compile: auto`` may compile on CUDA (see :func:`compile_mode`)."""
     applied: list[str] = []
-    compiled = compile_wanted(train, device, auto_compile)
+    mode = compile_mode(train, device, auto_compile)
     # torch.compile fuses norms and activations itself and cannot trace liger's Triton kernels
-    use_liger = train.kernels == "liger" or (train.kernels == "auto" and device.type == "cuda" and not compiled)
+    use_liger = train.kernels == "liger" or (train.kernels == "auto" and device.type == "cuda" and mode is None)
     if use_liger and liger_kernels_available():
         applied += apply_liger(model)
     elif train.kernels == "liger":
         from lorakit.errors import LorakitError
 
         raise LorakitError("train.kernels liger: liger-kernel is not installed (pip install liger-kernel; needs CUDA)")
-    if compiled:
-        applied += compile_layers(model)
+    if mode is not None:
+        applied += compile_layers(model, None if mode == "default" else mode)
     return applied

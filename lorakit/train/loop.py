@@ -80,6 +80,9 @@ def count_loss_items(batch: dict, task: str) -> int:
     return labels.numel() if task == "seq_cls" else int((labels[:, 1:] != -100).sum())
 
 
+CUDA_GRAPH_PAD = 64  # train.compile cudagraphs: batch widths rounded up to a multiple of this
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -126,6 +129,9 @@ class Trainer:
         self.cross_entropy = resolve_cross_entropy(cfg.cross_entropy, device)  # lorakit.fast
         quantized = recipe.model.quantization is not None
         self.levers = accelerate(model, cfg, device, method.compile_by_default and not quantized)  # lorakit.fast
+        self.cuda_graphs = any("reduce-overhead" in lever for lever in self.levers)
+        if self.cuda_graphs and hasattr(data.collate, "pad_to_multiple_of"):
+            data.collate.pad_to_multiple_of = CUDA_GRAPH_PAD  # each new shape records new graphs
 
     # ---- pieces ---------------------------------------------------------------------------------
     def loss(self, batch: dict, num_items: int | None = None) -> torch.Tensor:
@@ -134,6 +140,8 @@ class Trainer:
         items = num_items or count_loss_items(batch, self.task)
         cpu_labels = batch["labels"]
         batch = to_device(batch, self.device)
+        if self.cuda_graphs:  # a new iteration: earlier graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(self.device):
             if self.task == "seq_cls":
                 logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
