@@ -9,11 +9,11 @@
   adapter layers inside the MLP keep working. Note: liger's SwiGLU backward overwrites its saved
   inputs (the gate/up outputs) with their gradients, so an adapter layer must not save its own output
   for its backward pass (none in lorakit does).
-- ``train.compile`` (``auto``: on CUDA unless the base is quantized or the method sets
-  ``compile_by_default = False``; ``true``; ``false``; ``cudagraphs``: compiled layers replayed as CUDA
-  graphs, ``mode="reduce-overhead"``, with batches padded to a multiple of 64 tokens so few shapes
-  are recorded): ``torch.compile`` each decoder layer (the compile time, seconds, is paid at the
-  first steps; see docs/benchmarks.md).
+- ``train.compile`` (``auto``: ``cudagraphs`` on CUDA unless the base is quantized, else off;
+  ``cudagraphs``: compiled layers replayed as CUDA graphs, ``mode="reduce-overhead"``, with batches
+  padded to a multiple of 64 tokens so few shapes are recorded; ``true``: plain compile; ``false``):
+  ``torch.compile`` each decoder layer (the compile time, seconds, is paid at the first steps; see
+  docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -90,13 +90,14 @@ def compile_layers(model: nn.Module, mode: str | None = None) -> list[str]:
 
 
 def compile_mode(train, device: torch.device, auto_ok: bool = True) -> str | None:
-    """``train.compile`` resolved to torch.compile's mode: None (no compile), ``default``, or
-    ``reduce-overhead`` (``cudagraphs``: the compiled layers replayed as CUDA graphs, CUDA only).
-    ``auto`` compiles (``default``) on CUDA where ``auto_ok`` (the caller's say: the method does not opt
-    out and the base is not quantized; docs/benchmarks.md has the measurements)."""
+    """``train.compile`` resolved to torch.compile's mode: None (no compile), ``default`` (``true``), or
+    ``reduce-overhead`` (``cudagraphs``: the compiled layers replayed as CUDA graphs; CUDA only, plain
+    compile elsewhere). ``auto`` means ``cudagraphs`` on CUDA where ``auto_ok`` (the caller's say:
+    False over a quantized base, where compiling costs memory, docs/benchmarks.md) and no compile
+    otherwise."""
     choice = train.compile
     if choice == "auto":
-        choice = device.type == "cuda" and auto_ok
+        choice = "cudagraphs" if device.type == "cuda" and auto_ok else False
     if choice == "cudagraphs":
         return "reduce-overhead" if device.type == "cuda" else "default"
     return "default" if choice else None

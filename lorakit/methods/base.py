@@ -122,7 +122,6 @@ class Method:
     layer_class: ClassVar[type[AdapterLayer]]
     mergeable: ClassVar[bool] = True
     default_quantization: ClassVar[str | None] = None  # model.quantization when the recipe leaves it unset
-    compile_by_default: ClassVar[bool] = True  # train.compile auto compiles the decoder layers on CUDA
     HOOKS: ClassVar[tuple[str, ...]] = (
         "prepare", "param_groups", "before_step", "after_optimizer_step", "evaluate", "merge",
         "state_dict", "export_peft",

@@ -127,8 +127,8 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0  # wall time inside optimizer steps (no evaluation or saving)
         self.cross_entropy = resolve_cross_entropy(cfg.cross_entropy, device)  # lorakit.fast
-        quantized = recipe.model.quantization is not None
-        self.levers = accelerate(model, cfg, device, method.compile_by_default and not quantized)  # lorakit.fast
+        quantized = recipe.model.quantization is not None  # auto does not compile over a k-bit base
+        self.levers = accelerate(model, cfg, device, auto_compile=not quantized)  # lorakit.fast
         self.cuda_graphs = any("reduce-overhead" in lever for lever in self.levers)
         if self.cuda_graphs and hasattr(data.collate, "pad_to_multiple_of"):
             data.collate.pad_to_multiple_of = CUDA_GRAPH_PAD  # each new shape records new graphs

@@ -41,7 +41,7 @@ def test_asking_for_liger_without_it_says_how_to_get_it():
 
 
 @pytest.mark.parametrize("choice, device, auto_ok, expected", [
-    ("auto", "cuda", True, "default"), ("auto", "cuda", False, None), ("auto", "cpu", True, None),
+    ("auto", "cuda", True, "reduce-overhead"), ("auto", "cuda", False, None), ("auto", "cpu", True, None),
     (True, "cpu", True, "default"), (False, "cuda", True, None),
     ("cudagraphs", "cuda", False, "reduce-overhead"), ("cudagraphs", "cpu", True, "default"),
 ])
