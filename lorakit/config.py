@@ -105,7 +105,8 @@ class TrainConfig(Section):
     # speed levers (lorakit.fast; docs/benchmarks.md): causal-LM loss without full logits, fused kernels
     cross_entropy: Literal["auto", "chunked", "liger", "full"] = "auto"
     kernels: Literal["auto", "liger", "none"] = "auto"
-    compile: bool = False
+    # compile: auto = cudagraphs on CUDA unless the base is quantized; cudagraphs = compile + CUDA graphs
+    compile: Literal["auto", "cudagraphs"] | bool = "auto"
     optimizer: Literal["auto", "adamw", "paged_adamw"] = "auto"  # auto: paged AdamW over a k-bit base on CUDA
 
 

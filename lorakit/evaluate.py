@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 
@@ -11,8 +12,19 @@ from torch import nn
 from lorakit.precision import autocast  # noqa: F401  (train.precision; re-exported for the callers)
 
 
+def eager_only():
+    """Run compiled modules (``train.compile``) eagerly: token-by-token decoding with a growing cache
+    would otherwise recompile the decoder layers for new shapes."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """``batch``'s tensors on ``device``. To a GPU they go through pinned host memory with
+    ``non_blocking=True``: a copy from pageable memory can make the host wait for the GPU's queue."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def without_causal_padding_mask(batch: dict, task: str = "causal_lm") -> dict:
@@ -114,7 +126,7 @@ def generate_samples(model, tokenizer, prompts: list, device: torch.device, max_
         else:
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         ids = ids.to(device)
-        with autocast(device, precision):
+        with autocast(device, precision), eager_only():
             out = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                 do_sample=False, pad_token_id=tokenizer.pad_token_id,

@@ -18,7 +18,7 @@ weight gradient; N counts every frozen matmul weight incl. the LM head) + attent
 (causal QKᵀ and PV forward, backward counted as 2× forward); adapter matmuls are not counted.
 MFU = FLOPs/s over the bf16 GEMM rate measured on the device in the same run (8192³).
 
-Usage: python scripts/bench_gpu.py [--device cuda|cpu] [--shapes ...] [--methods ...] [--variants eager compile]
+Usage: python scripts/bench_gpu.py [--device cuda|cpu] [--shapes ...] [--methods ...] [--variants default eager compile]
        [--steps N] [--no-levers] [--no-max-batch] [--no-track] [--out results.json]
        python scripts/bench_gpu.py --plot results.json out.png | --merge a.json b.json --out c.json
        python scripts/bench_gpu.py --profile qwen2.5-0.5b:lora ... (torch.profiler: wall vs GPU kernel time)
@@ -165,7 +165,7 @@ def lorakit_setup(shape, name, device, batch, train=None, method=None, grad_ckpt
     trainer = Trainer(model, None, adapter, FakeData(batch), recipe, device, Console(quiet=True))
     optimizer, scheduler = trainer.make_optimizer()
     levers = trainer.levers + [f"precision {trainer.precision}"]
-    return model, lambda b: trainer.optimizer_step([b], optimizer, scheduler)[0], levers
+    return model, lambda b: trainer.optimizer_step([b], optimizer, scheduler).loss, levers
 
 
 def peft_setup(shape, name, device, batch, dropout=0.0, autocast=False):
@@ -193,7 +193,7 @@ def peft_setup(shape, name, device, batch, dropout=0.0, autocast=False):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()  # read after the timed steps, as lorakit's (no sync per step for either)
 
     return model, step, []
 
@@ -223,6 +223,7 @@ class RssPeak:
 
 
 def free():
+    torch._dynamo.reset()  # compiled code of earlier configurations must not count against the recompile limit
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -254,18 +255,53 @@ def run_one(args, shape, label, setup, device, vocab):
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
+        losses = [float(l) for l in losses]
+        syncs = count_syncs(lambda: step(batch)) if cuda else None
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else (rss.peak - rss.base) / GIB
     tps = args.steps * args.batch * args.seq / elapsed
     row = {"shape": shape, "method": label, "tokens_per_s": tps, "peak_gib": peak, "tflops": tps * fpt / 1e12,
-           "flops_per_token": fpt, "loss": losses[-1], "setup_s": setup_s, "levers": levers}
+           "flops_per_token": fpt, "loss": losses[-1], "setup_s": setup_s, "levers": levers,
+           "syncs_per_step": syncs}
     del model, step
     free()
     return row
 
 
+def count_syncs(fn) -> dict:
+    """Host-device synchronizations torch reports (``set_sync_debug_mode``) while ``fn`` runs, by the
+    innermost lorakit / transformers / peft / liger frame that caused them."""
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+
+    def hook(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if any(k in f.filename for k in ("lorakit", "transformers", "peft", "liger", "torch/nn", "torch/optim"))]
+        f = frames[-1] if frames else None
+        key = f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" if f else "?"
+        sites[key] = sites.get(key, 0) + 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sites
+
+
 # ---- extras: max batch, loss tracking, GEMM peak ---------------------------------------------------
 def max_batch(args, shape, setup, device, vocab, cap_gib=80.0, limit=512):
-    """Largest batch (sequences of ``args.seq``) whose training step fits under ``cap_gib``."""
+    """Largest batch (sequences of ``args.seq``) whose training step fits under ``cap_gib``. lorakit runs with
+    ``train.compile: false`` here (each probed batch size would compile anew; the compiled default peaks at
+    the same memory within 0.03 GiB in docs/benchmarks.md)."""
     free()
     total = torch.cuda.get_device_properties(device).total_memory
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -308,7 +344,7 @@ def track_losses(args, shape, device, vocab, steps=50, lr=1e-3):
     model, step, _ = lorakit_setup(shape, "lora", device, batches[0], train={"learning_rate": lr})
     init = {n.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"):
             p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    fast = [step(batches[i % 4]) for i in range(steps)]
+    fast = [float(step(batches[i % 4])) for i in range(steps)]
     del model, step
     free()
     ref_model, _, _ = peft_setup(shape, "peft-lora", device, batches[0])
@@ -403,7 +439,7 @@ def table(rows, peak_tflops=None) -> str:
             continue
         base, _, variant = r["method"].partition(" [")
         ref = by.get((r["shape"], PAIR.get(r["method"]) or PAIR.get(base, "")))
-        own = by.get((r["shape"], "lora [" + variant)) if variant == "compile]" else by.get((r["shape"], "lora"))
+        own = by.get((r["shape"], "lora [" + variant)) if variant in ("eager]", "compile]", "cudagraphs]") else by.get((r["shape"], "lora"))
         mfu = f"{100 * r['tflops'] / peak_tflops:.1f}" if peak_tflops else f"{r['tflops'] * 1e3:.0f} GF/s"
         x = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else ""
         mem = f"{r['peak_gib'] / ref['peak_gib']:.2f}" if ref and ref["peak_gib"] > 0 else ""
@@ -413,7 +449,7 @@ def table(rows, peak_tflops=None) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-    """Grouped bars per method and shape: PEFT, lorakit (recipe default), lorakit with train.compile."""
+    """Grouped bars per method and shape: PEFT, lorakit with train.compile false, lorakit by default."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -421,8 +457,8 @@ def plot(results: dict, path: str) -> None:
 
     rows = {(r["shape"], r["method"]): r for r in results["rows"] if "tokens_per_s" in r}
     shapes = list(dict.fromkeys(s for s, _ in rows))
-    bars = (("PEFT", lambda m: PAIR.get(m), "tab:gray"), ("lorakit", lambda m: m, "tab:blue"),
-            ("lorakit + compile", lambda m: m + " [compile]", "navy"))
+    bars = (("PEFT", lambda m: PAIR.get(m), "tab:gray"), ("lorakit, eager", lambda m: m + " [eager]", "tab:blue"),
+            ("lorakit (default)", lambda m: m, "navy"))
     fig, axes = plt.subplots(len(shapes), 2, figsize=(13, 3.8 * len(shapes)), squeeze=False)
     for i, shape in enumerate(shapes):
         for j, (key, title) in enumerate((("tokens_per_s", "tokens/s"), ("peak_gib", "peak GPU memory (GiB)"))):
@@ -458,6 +494,20 @@ def no_fused_adapters():
         lora.can_fuse, dora.can_fuse = saved
 
 
+@contextlib.contextmanager
+def compile_mode(mode):
+    """``nn.Module.compile`` with ``mode`` (e.g. ``reduce-overhead``) while the block runs."""
+    if mode is None:
+        yield
+        return
+    saved = nn.Module.compile
+    nn.Module.compile = lambda self, *a, **k: saved(self, *a, **{**k, "mode": mode})
+    try:
+        yield
+    finally:
+        nn.Module.compile = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -470,8 +520,8 @@ def main() -> None:
     ap.add_argument("--no-levers", action="store_true")
     ap.add_argument("--no-max-batch", action="store_true")
     ap.add_argument("--no-track", action="store_true")
-    ap.add_argument("--variants", nargs="*", default=["eager"], choices=["eager", "compile"],
-                    help="lorakit runs: the recipe default (eager) and/or train.compile: true")
+    ap.add_argument("--variants", nargs="*", default=["default"], choices=["default", "eager", "compile", "cudagraphs"],
+                    help="lorakit runs: the recipe default (train.compile: auto), train.compile: false / true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds; optional parts are skipped past it")
     ap.add_argument("--out", default="bench_gpu.json")
     ap.add_argument("--profile", nargs="*", metavar="SHAPE:METHOD", help="profile these and exit")
@@ -524,11 +574,13 @@ def main() -> None:
         for spec in args.lever_runs or []:
             shape, name, kv = spec.split(":")
             train = {k: json.loads(v) if v in ("true", "false") else v for k, v in (p.split("=") for p in kv.split(","))}
+            mode = train.pop("compile_mode", None)  # e.g. reduce-overhead (CUDA graphs); not a recipe field
             vocab = 49152 if shape == "smollm2" else SHAPES[shape]["vocab_size"]
             t0 = time.perf_counter()
             try:
-                row = run_one(args, shape, f"{name} {train}", lambda b: lorakit_setup(shape, name, device, b, train=train),
-                              device, vocab)
+                with compile_mode(mode):
+                    row = run_one(args, shape, f"{name} {train}" + (f" mode={mode}" if mode else ""),
+                                  lambda b: lorakit_setup(shape, name, device, b, train=train), device, vocab)
             except Exception as err:
                 traceback.print_exc()
                 row = {"shape": shape, "method": name, "error": str(err)}
@@ -562,15 +614,15 @@ def main() -> None:
              "lora_fa", "dylora", "delta_lora", "lora_drop"]
     methods = [m for m in order if m in (args.methods or order)]
     for shape in shapes:
-        for name in (methods if "eager" in args.variants else []):
-            if name.startswith("peft"):
-                record(shape, name, lambda b, s=shape, n=name: peft_setup(s, n, device, b))
-            else:
-                record(shape, name, lambda b, s=shape, n=name: lorakit_setup(s, n, device, b))
-        for name in (methods if "compile" in args.variants else []):  # the same runs with train.compile: true
-            if not name.startswith("peft"):
-                record(shape, name + " [compile]",
-                       lambda b, s=shape, n=name: lorakit_setup(s, n, device, b, train={"compile": True}))
+        for variant in args.variants:  # default: the recipe default; eager / compile: train.compile false / true
+            train = {"eager": {"compile": False}, "compile": {"compile": True}, "cudagraphs": {"compile": "cudagraphs"}}.get(variant)
+            suffix = f" [{variant}]" if train else ""
+            for name in methods:
+                if name.startswith("peft"):
+                    if variant == args.variants[0]:
+                        record(shape, name, lambda b, s=shape, n=name: peft_setup(s, n, device, b))
+                    continue
+                record(shape, name + suffix, lambda b, s=shape, n=name, t=train: lorakit_setup(s, n, device, b, train=t))
     shape = shapes[0]
     vocab = 49152 if shape == "smollm2" else SHAPES[shape]["vocab_size"]
     levers = [
@@ -605,7 +657,7 @@ def main() -> None:
     if cuda and not args.no_max_batch:
         results["max_batch_tokens"] = {"shape": big}
         vocab = SHAPES[big]["vocab_size"]
-        for label, setup in (("lora", lambda b: lorakit_setup(big, "lora", device, b)),
+        for label, setup in (("lora", lambda b: lorakit_setup(big, "lora", device, b, train={"compile": False})),
                              ("peft-lora", lambda b: peft_setup(big, "peft-lora", device, b))):
             if time.perf_counter() - start > args.budget:
                 print(f"budget reached: skipping max batch of {label}")

@@ -321,3 +321,13 @@ def test_packed_batch_matches_unpacked_logits(tmp_path, tiny_tokenizer, attn):
                       attention_mask=torch.ones_like(batch["input_ids"]), use_cache=False).logits
         assert not torch.allclose(leaky, packed_logits, atol=1e-3)
 
+
+
+def test_collator_pads_to_a_multiple():
+    from lorakit.data import Collator
+
+    rows = [{"input_ids": [5] * 3, "labels": [5] * 3}, {"input_ids": [6] * 70, "labels": [6] * 70}]
+    batch = Collator(0, pad_to_multiple_of=64)(rows)
+    assert batch["input_ids"].shape == (2, 128)
+    assert batch["attention_mask"].sum().item() == 73 and (batch["labels"][0, 3:] == -100).all()
+    assert Collator(0)(rows)["input_ids"].shape == (2, 70)

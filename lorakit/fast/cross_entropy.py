@@ -137,12 +137,25 @@ def fused_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def causal_lm_loss(model: nn.Module, batch: dict, num_items: int, impl: str = "chunked") -> torch.Tensor | None:
+def loss_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, targets) of the next-token loss: ``rows`` indexes the flattened ``(B·T,)`` positions whose
+    shifted label (``labels[:, t + 1]``) is not -100, ``targets`` are those labels. Computed where
+    ``labels`` lives: on a CPU tensor this costs the GPU nothing (``nonzero`` on a CUDA tensor makes the
+    host wait for the GPU)."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
+    rows = (shifted != IGNORE).nonzero().squeeze(1)
+    return rows, shifted.index_select(0, rows)
+
+
+def causal_lm_loss(model: nn.Module, batch: dict, num_items: int, impl: str = "chunked",
+                   cpu_labels: torch.Tensor | None = None) -> torch.Tensor | None:
     """Sum of next-token cross-entropy over ``batch`` divided by ``num_items``, without full logits.
 
     ``batch``: ``input_ids`` ``(B, T)``, ``labels`` ``(B, T)`` (-100 = no loss), optionally
     ``attention_mask`` / ``position_ids``. Position t predicts ``labels[:, t + 1]`` (transformers'
-    shift). Returns None when :func:`fused_head` refuses the model (the caller uses the full path).
+    shift). ``cpu_labels``: the same labels still on the CPU, if the caller has them (the rows with
+    loss are then found without a host-device sync). Returns None when :func:`fused_head` refuses the
+    model (the caller uses the full path).
     """
     head = fused_head(model)
     if head is None:
@@ -150,7 +163,9 @@ def causal_lm_loss(model: nn.Module, batch: dict, num_items: int, impl: str = "c
     backbone = getattr(model, model.base_model_prefix)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
-    labels = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:].reshape(-1)
-    rows = (labels != IGNORE).nonzero().squeeze(1)
+    rows, targets = loss_rows(cpu_labels if cpu_labels is not None else batch["labels"])
+    if rows.device != hidden.device:
+        rows, targets = (t.pin_memory().to(hidden.device, non_blocking=True) if hidden.is_cuda else t.to(hidden.device)
+                         for t in (rows, targets))
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-    return linear_cross_entropy(hidden, head.weight, labels.index_select(0, rows), impl) / num_items
+    return linear_cross_entropy(hidden, head.weight, targets, impl) / num_items

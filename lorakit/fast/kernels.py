@@ -9,8 +9,11 @@
   adapter layers inside the MLP keep working. Note: liger's SwiGLU backward overwrites its saved
   inputs (the gate/up outputs) with their gradients, so an adapter layer must not save its own output
   for its backward pass (none in lorakit does).
-- ``train.compile``: ``torch.compile`` each decoder layer (opt-in; compile time is paid at the first
-  steps, see docs/benchmarks.md).
+- ``train.compile`` (``auto``: ``cudagraphs`` on CUDA unless the base is quantized, else off;
+  ``cudagraphs``: compiled layers replayed as CUDA graphs, ``mode="reduce-overhead"``, with batches
+  padded to a multiple of 64 tokens so few shapes are recorded; ``true``: plain compile; ``false``):
+  ``torch.compile`` each decoder layer (the compile time, seconds, is paid at the first steps; see
+  docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -75,27 +78,44 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return None
 
 
-def compile_layers(model: nn.Module) -> list[str]:
-    """``torch.compile`` every decoder layer in place; returns ``["compile×N"]`` or [] if none found."""
+def compile_layers(model: nn.Module, mode: str | None = None) -> list[str]:
+    """``torch.compile`` every decoder layer in place (``mode``: torch.compile's, e.g.
+    ``reduce-overhead`` for CUDA graphs); returns ``["compile×N"]`` or [] if none found."""
     layers = decoder_layers(model)
     if layers is None:
         return []
     for layer in layers:
-        layer.compile()
-    return [f"compile×{len(layers)}"]
+        layer.compile(mode=mode)
+    return [f"compile×{len(layers)}" + (f" ({mode})" if mode else "")]
 
 
-def accelerate(model: nn.Module, train, device: torch.device) -> list[str]:
-    """Apply the recipe's model-level levers (``train.kernels``, ``train.compile``); returns their names."""
+def compile_mode(train, device: torch.device, auto_ok: bool = True) -> str | None:
+    """``train.compile`` resolved to torch.compile's mode: None (no compile), ``default`` (``true``), or
+    ``reduce-overhead`` (``cudagraphs``: the compiled layers replayed as CUDA graphs; CUDA only, plain
+    compile elsewhere). ``auto`` means ``cudagraphs`` on CUDA where ``auto_ok`` (the caller's say:
+    False over a quantized base, where compiling costs memory, docs/benchmarks.md) and no compile
+    otherwise."""
+    choice = train.compile
+    if choice == "auto":
+        choice = "cudagraphs" if device.type == "cuda" and auto_ok else False
+    if choice == "cudagraphs":
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    return "default" if choice else None
+
+
+def accelerate(model: nn.Module, train, device: torch.device, auto_compile: bool = True) -> list[str]:
+    """Apply the recipe's model-level levers (``train.kernels``, ``train.compile``); returns their names.
+    ``auto_compile``: whether ``train.compile: auto`` may compile on CUDA (see :func:`compile_mode`)."""
     applied: list[str] = []
+    mode = compile_mode(train, device, auto_compile)
     # torch.compile fuses norms and activations itself and cannot trace liger's Triton kernels
-    use_liger = train.kernels == "liger" or (train.kernels == "auto" and device.type == "cuda" and not train.compile)
+    use_liger = train.kernels == "liger" or (train.kernels == "auto" and device.type == "cuda" and mode is None)
     if use_liger and liger_kernels_available():
         applied += apply_liger(model)
     elif train.kernels == "liger":
         from lorakit.errors import LorakitError
 
         raise LorakitError("train.kernels liger: liger-kernel is not installed (pip install liger-kernel; needs CUDA)")
-    if train.compile:
-        applied += compile_layers(model)
+    if mode is not None:
+        applied += compile_layers(model, None if mode == "default" else mode)
     return applied

@@ -19,12 +19,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lorakit.config import recipe_to_dict
-from lorakit.errors import LorakitError
 from lorakit.evaluate import autocast, evaluate_model, to_device, without_causal_padding_mask
 from lorakit.fast import accelerate, causal_lm_loss, resolve_cross_entropy
 from lorakit.precision import recipe_precision
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.optim import build_optimizer, build_scheduler
+from lorakit.train.stats import StepStats, skips_nonfinite_on_device
 
 
 @dataclass
@@ -81,6 +81,37 @@ def count_loss_items(batch: dict, task: str) -> int:
     return labels.numel() if task == "seq_cls" else int((labels[:, 1:] != -100).sum())
 
 
+CUDA_GRAPH_PAD = 64  # train.compile cudagraphs: batch widths rounded up to a multiple of this
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepLog:
+    """metrics.jsonl records and the progress line for steps read back from the device (one step late,
+    see :mod:`lorakit.train.stats`); tokens/s over the steps since the last record, padding excluded."""
+
+    def __init__(self, trainer: "Trainer", progress: Progress, bar):
+        self.trainer, self.progress, self.bar = trainer, progress, bar
+        self.tokens, self.t0 = 0, time.perf_counter()  # t0 moves forward past evaluation and saving
+
+    def record(self, stats: StepStats) -> None:
+        """Read ``stats`` (raises LorakitError for a non-finite step) and log it every ``log_every`` steps."""
+        trainer, cfg = self.trainer, self.trainer.recipe.train
+        loss, grad_norm = stats.read()
+        self.tokens += stats.tokens
+        if stats.step % cfg.log_every == 0 or stats.step == trainer.total_steps:
+            elapsed = time.perf_counter() - self.t0
+            record = {"step": stats.step, "epoch": round(stats.step / trainer.steps_per_epoch, 4), "loss": loss,
+                      "lr": stats.lr, "grad_norm": grad_norm, "tokens_per_s": self.tokens / max(elapsed, 1e-9)}
+            trainer._log(record)
+            self.tokens, self.t0 = 0, time.perf_counter()
+            self.progress.update(self.bar, info=f"loss {loss:.4f}  lr {stats.lr:.2e}  {record['tokens_per_s']:,.0f} tok/s")
+        self.progress.update(self.bar, completed=stats.step)
+
+
 class Trainer:
     """Runs one recipe's training on an adapter-carrying model."""
 
@@ -98,19 +129,27 @@ class Trainer:
         self.train_seconds = 0.0  # wall time inside optimizer steps (no evaluation or saving)
         self.cross_entropy = resolve_cross_entropy(cfg.cross_entropy, device)  # lorakit.fast
         self.precision = recipe_precision(recipe, device)  # bf16 autocast or fp32 (lorakit.precision), eval too
-        self.levers = accelerate(model, cfg, device)  # liger kernels / torch.compile, as the recipe asks
+        quantized = recipe.model.quantization is not None  # auto does not compile over a k-bit base
+        self.levers = accelerate(model, cfg, device, auto_compile=not quantized)  # lorakit.fast
+        self.cuda_graphs = any("reduce-overhead" in lever for lever in self.levers)
+        if self.cuda_graphs and hasattr(data.collate, "pad_to_multiple_of"):
+            data.collate.pad_to_multiple_of = CUDA_GRAPH_PAD  # each new shape records new graphs
 
     # ---- pieces ---------------------------------------------------------------------------------
     def loss(self, batch: dict, num_items: int | None = None) -> torch.Tensor:
         """Loss of one batch: the sum over loss items divided by ``num_items`` (default: its own)."""
-        batch = to_device(without_causal_padding_mask(batch, self.task), self.device)
+        batch = without_causal_padding_mask(batch, self.task)
         items = num_items or count_loss_items(batch, self.task)
+        cpu_labels = batch["labels"]
+        batch = to_device(batch, self.device)
+        if self.cuda_graphs:  # a new iteration: earlier graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(self.device, self.precision):
             if self.task == "seq_cls":
                 logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
                 return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum") / items
             if self.cross_entropy != "full":  # chunked linear + CE: no full-vocabulary logits
-                loss = causal_lm_loss(self.model, batch, items, self.cross_entropy)
+                loss = causal_lm_loss(self.model, batch, items, self.cross_entropy, cpu_labels)
                 if loss is not None:
                     return loss
             # use_cache=False: a cache would make packed rows attend across examples (see lorakit.data).
@@ -158,32 +197,38 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg.lr_scheduler, self.total_steps, int(cfg.warmup_ratio * self.total_steps))
         return optimizer, scheduler
 
-    def optimizer_step(self, batches: list[dict], optimizer, scheduler) -> tuple[float, float | None]:
+    def optimizer_step(self, batches: list[dict], optimizer, scheduler) -> StepStats:
         """One optimizer step over the micro-batches ``batches`` (the method's hooks included); advances
-        ``self.step``. Returns (summed loss, gradient norm before clipping or None)."""
+        ``self.step``. Returns the step's loss and gradient norm still on the device (:class:`StepStats`;
+        reading them waits for the step), so no host-device sync is needed per step.
+
+        A non-finite loss or gradient norm never reaches the weights: torch's fused AdamW (CUDA) skips
+        that update on the device (``found_inf``) and :meth:`StepStats.read` raises later; other
+        optimizers are checked here, before the update. Raises LorakitError in the second case."""
         cfg = self.recipe.train
         self.method.before_step(self.step)
         items = sum(count_loss_items(b, self.task) for b in batches)
-        loss_value = 0.0
+        loss_sum = None
         for batch in batches:
             loss = self.loss(batch, num_items=items)
             loss.backward()
-            loss_value += loss.item()
-        if not math.isfinite(loss_value):  # before the update: the weights and checkpoints stay good
-            raise LorakitError(
-                f"loss became {loss_value} at step {self.step + 1}; lower train.learning_rate, or use "
-                "model.dtype bfloat16/float32 (float16 overflows easily); the last checkpoint is intact"
-            )
+            loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         grad_norm = None
         if cfg.max_grad_norm is not None:
             trainable = [p for g in optimizer.param_groups for p in g["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        stats = StepStats(self.step + 1, loss_sum, grad_norm)
+        if skips_nonfinite_on_device(optimizer):
+            optimizer.found_inf = stats.nonfinite()
+        else:
+            stats.read()  # raises before the update; weights and checkpoints stay good
         optimizer.step()
         self.method.after_optimizer_step(self.step, optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_value, grad_norm
+        stats.lr = scheduler.get_last_lr()[0]
+        return stats
 
     def train(self, resume_from: Path | None = None) -> dict:
         """Train to ``total_steps``; returns the final eval metrics. Writes metrics.jsonl, checkpoints."""
@@ -208,29 +253,32 @@ class Trainer:
         metrics: dict = {}
         with progress:
             bar = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
-            t0, tokens_since = time.perf_counter(), 0
+            log = StepLog(self, progress, bar)
+            deferred = skips_nonfinite_on_device(optimizer)  # else optimizer_step has read the step already
+            pending: StepStats | None = None  # the step queued last, read after the next one is queued
             while self.step < self.total_steps:
                 batches = [self.micro[self.step * accum + i] for i in range(accum)]
-                tokens_since += sum(count_tokens(b) for b in batches)
                 step_start = time.perf_counter()
-                loss_value, grad_norm = self.optimizer_step(batches, optimizer, scheduler)
+                stats = self.optimizer_step(batches, optimizer, scheduler)
+                stats.tokens = sum(count_tokens(b) for b in batches)
+                if pending is not None:
+                    log.record(pending)
+                pending = stats
+                at_eval = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < self.total_steps
+                at_save = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < self.total_steps
+                if not deferred or at_eval or at_save or self.step == self.total_steps:
+                    log.record(pending)  # read now: before evaluating or saving, or nothing to wait for
+                    pending = None
+                    synchronize(self.device)
                 self.train_seconds += time.perf_counter() - step_start
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    elapsed = time.perf_counter() - t0
-                    record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
-                              "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                              "grad_norm": grad_norm, "tokens_per_s": tokens_since / max(elapsed, 1e-9)}
-                    self._log(record)
-                    t0, tokens_since = time.perf_counter(), 0
-                    progress.update(bar, info=f"loss {loss_value:.4f}  lr {record['lr']:.2e}  "
-                                              f"{record['tokens_per_s']:,.0f} tok/s")
-                progress.update(bar, completed=self.step)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                paused = time.perf_counter()
+                if at_eval:
                     metrics = self.evaluate()
                     self._log({"step": self.step, **metrics})
                     self.console.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                if at_save:
                     self._save(optimizer, scheduler)
+                log.t0 += time.perf_counter() - paused
         final = self._save(optimizer, scheduler)
         metrics = self.evaluate()
         self._log({"step": self.step, **metrics})

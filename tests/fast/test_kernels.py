@@ -38,3 +38,21 @@ def test_asking_for_liger_without_it_says_how_to_get_it():
         resolve_cross_entropy("liger", torch.device("cpu"))
     with pytest.raises(LorakitError, match="pip install liger-kernel"):
         accelerate(tiny_llama(), TrainConfig(kernels="liger"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("choice, device, auto_ok, expected", [
+    ("auto", "cuda", True, "reduce-overhead"), ("auto", "cuda", False, None), ("auto", "cpu", True, None),
+    (True, "cpu", True, "default"), (False, "cuda", True, None),
+    ("cudagraphs", "cuda", False, "reduce-overhead"), ("cudagraphs", "cpu", True, "default"),
+])
+def test_compile_mode_resolution(choice, device, auto_ok, expected):
+    from lorakit.fast.kernels import compile_mode
+
+    assert compile_mode(TrainConfig(compile=choice), torch.device(device), auto_ok) == expected
+
+
+def test_compile_field_rejects_other_words():
+    from lorakit.config import RecipeError, recipe_from_dict
+
+    with pytest.raises(RecipeError, match="train.compile"):
+        recipe_from_dict({"train": {"compile": "max-autotune"}})

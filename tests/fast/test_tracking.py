@@ -40,7 +40,7 @@ def fast_losses(name: str, tmp_path, precision: str = "fp32"):
     assert trainer.cross_entropy == "chunked" and trainer.precision == precision
     optimizer, scheduler = trainer.make_optimizer()
     batches = [trainer.micro[k] for k in range(STEPS)]
-    losses = [trainer.optimizer_step([b], optimizer, scheduler)[0] for b in batches]
+    losses = [trainer.optimizer_step([b], optimizer, scheduler).read()[0] for b in batches]
     return losses, init, batches
 
 
