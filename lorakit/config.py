@@ -99,8 +99,8 @@ class TrainConfig(Section):
     save_every: int | None = Field(None, gt=0)
     log_every: int = Field(1, gt=0)
     num_samples: int = Field(3, ge=0)
-    # compute precision (lorakit.precision): bf16 base + bf16 autocast, fp32 adapter weights; auto = bf16
-    # on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32
+    # compute precision (lorakit.precision): bf16 = bf16 base + bf16 autocast, fp32 adapter weights;
+    # auto = bf16 on CUDA, fp32 on CPU (bf16 on CPU is opt-in: its losses drift past 1e-2 on real models)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # speed levers (lorakit.fast; docs/benchmarks.md): causal-LM loss without full logits, fused kernels
     cross_entropy: Literal["auto", "chunked", "liger", "full"] = "auto"

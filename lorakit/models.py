@@ -164,7 +164,7 @@ def load_model(cfg: ModelConfig, num_labels: int | None = None, label_names: lis
     ``label_names`` and ``config.pad_token_id`` from the tokenizer (the head reads the last non-pad token).
 
     ``cfg.dtype`` ``auto`` follows ``precision`` (``train.precision``, :mod:`lorakit.precision`):
-    bfloat16 where it resolves to bf16 (CUDA; CPUs with native bf16), else float32. SDPA attention
+    bfloat16 where it resolves to bf16 (auto: CUDA), else float32. SDPA attention
     (a bf16 model on CPU: in fp32, :mod:`lorakit.fast.attention`). Nothing is frozen.
 
     Raises:

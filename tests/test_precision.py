@@ -18,13 +18,10 @@ from tests.helpers import toy_data
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def test_auto_is_bf16_on_cuda_and_native_bf16_cpus_only(monkeypatch):
-    for native in (True, False):
-        monkeypatch.setattr(P, "native_bf16_cpu", lambda native=native: native)
-        assert P.resolve_precision("auto", CPU) == ("bf16" if native else "fp32")
-        assert P.resolve_precision("auto", CPU, quantized=True) == "fp32"  # bitsandbytes computes in fp32 on CPU
-        assert P.resolve_precision("auto", CUDA) == "bf16"
-        assert P.resolve_precision("fp32", CUDA) == "fp32" and P.resolve_precision("bf16", CPU) == "bf16"
+def test_auto_is_bf16_on_cuda_only():
+    assert P.resolve_precision("auto", CPU) == "fp32" and P.resolve_precision("auto", CPU, quantized=True) == "fp32"
+    assert P.resolve_precision("auto", CUDA) == "bf16"
+    assert P.resolve_precision("fp32", CUDA) == "fp32" and P.resolve_precision("bf16", CPU) == "bf16"
     with pytest.raises(ValueError, match="train.precision 'fp16'"):
         P.resolve_precision("fp16", CPU)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from lorakit.config import load_recipe, recipe_to_dict
@@ -55,8 +54,7 @@ def check_resumable(saved: dict, current: dict, checkpoint: Path) -> None:
     Raises LorakitError naming the first differing field and both values.
     """
     old, new = _flatten(saved), _flatten(current)
-    if "train.precision" not in old:  # saved before the field existed: the run was bf16 on CUDA, fp32 on CPU
-        old["train.precision"] = "auto" if torch.cuda.is_available() else "fp32"
+    old.setdefault("train.precision", "auto")  # saved before the field existed: auto's bf16 on CUDA, fp32 on CPU
     for key in sorted(set(old) | set(new)):
         if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
             raise LorakitError(
