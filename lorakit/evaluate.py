@@ -76,6 +76,8 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device:
     preds, golds = [], []
     for batch in batches:
         batch = to_device(without_causal_padding_mask(batch, task), device)
+        if device.type == "cuda":  # layers replayed as CUDA graphs (train.compile) start a new iteration
+            torch.compiler.cudagraph_mark_step_begin()
         if task != "seq_cls" and cross_entropy != "full":
             with autocast(device, precision):
                 summed = causal_lm_loss(model, batch, 1, cross_entropy)  # Σ CE over label tokens

@@ -9,7 +9,8 @@
   adapter layers inside the MLP keep working. Note: liger's SwiGLU backward overwrites its saved
   inputs (the gate/up outputs) with their gradients, so an adapter layer must not save its own output
   for its backward pass (none in lorakit does).
-- ``train.compile`` (``auto``: ``cudagraphs`` on CUDA unless the base is quantized, else off;
+- ``train.compile`` (``auto``: ``cudagraphs`` on CUDA unless the base is quantized or activation
+  checkpointing is on, else off;
   ``cudagraphs``: compiled layers replayed as CUDA graphs, ``mode="reduce-overhead"``, with batches
   padded to a multiple of 64 tokens so few shapes are recorded; ``true``: plain compile; ``false``):
   ``torch.compile`` each decoder layer (the compile time, seconds, is paid at the first steps; see
@@ -93,8 +94,8 @@ def compile_mode(train, device: torch.device, auto_ok: bool = True) -> str | Non
     """``train.compile`` resolved to torch.compile's mode: None (no compile), ``default`` (``true``), or
     ``reduce-overhead`` (``cudagraphs``: the compiled layers replayed as CUDA graphs; CUDA only, plain
     compile elsewhere). ``auto`` means ``cudagraphs`` on CUDA where ``auto_ok`` (the caller's say:
-    False over a quantized base, where compiling costs memory, docs/benchmarks.md) and no compile
-    otherwise."""
+    False over a quantized base, where compiling costs memory, docs/benchmarks.md, and with activation
+    checkpointing) and no compile otherwise."""
     choice = train.compile
     if choice == "auto":
         choice = "cudagraphs" if device.type == "cuda" and auto_ok else False

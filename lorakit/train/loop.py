@@ -129,8 +129,10 @@ class Trainer:
         self.train_seconds = 0.0  # wall time inside optimizer steps (no evaluation or saving)
         self.cross_entropy = resolve_cross_entropy(cfg.cross_entropy, device)  # lorakit.fast
         self.precision = recipe_precision(recipe, device)  # bf16 autocast or fp32 (lorakit.precision), eval too
-        quantized = recipe.model.quantization is not None  # auto does not compile over a k-bit base
-        self.levers = accelerate(model, cfg, device, auto_compile=not quantized)  # lorakit.fast
+        # auto compiles neither over a k-bit base (memory, docs/benchmarks.md) nor with activation
+        # checkpointing (recomputation inside CUDA graphs: not measured)
+        auto_ok = recipe.model.quantization is None and not recipe.model.gradient_checkpointing
+        self.levers = accelerate(model, cfg, device, auto_compile=auto_ok)  # lorakit.fast
         self.cuda_graphs = any("reduce-overhead" in lever for lever in self.levers)
         if self.cuda_graphs and hasattr(data.collate, "pad_to_multiple_of"):
             data.collate.pad_to_multiple_of = CUDA_GRAPH_PAD  # each new shape records new graphs
