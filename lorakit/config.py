@@ -107,6 +107,15 @@ class TrainConfig(Section):
     kernels: Literal["auto", "liger", "none"] = "auto"
     # compile: auto = cudagraphs on CUDA unless the base is quantized; cudagraphs = compile + CUDA graphs
     compile: Literal["auto", "cudagraphs"] | bool = "auto"
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_choice(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool) or value in ("auto", "cudagraphs"):
+            return value
+        raise ValueError("expected auto, cudagraphs, true or false")
     optimizer: Literal["auto", "adamw", "paged_adamw"] = "auto"  # auto: paged AdamW over a k-bit base on CUDA
 
 

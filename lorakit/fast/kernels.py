@@ -10,7 +10,7 @@
   inputs (the gate/up outputs) with their gradients, so an adapter layer must not save its own output
   for its backward pass (none in lorakit does).
 - ``train.compile`` (``auto``: ``cudagraphs`` on CUDA unless the base is quantized or activation
-  checkpointing is on, else off;
+  checkpointing is on, else off; plain compile with gradient accumulation;
   ``cudagraphs``: compiled layers replayed as CUDA graphs, ``mode="reduce-overhead"``, with batches
   padded to a multiple of 64 tokens so few shapes are recorded; ``true``: plain compile; ``false``):
   ``torch.compile`` each decoder layer (the compile time, seconds, is paid at the first steps; see
@@ -90,25 +90,28 @@ def compile_layers(model: nn.Module, mode: str | None = None) -> list[str]:
     return [f"compile×{len(layers)}" + (f" ({mode})" if mode else "")]
 
 
-def compile_mode(train, device: torch.device, auto_ok: bool = True) -> str | None:
+def compile_mode(train, device: torch.device, auto_ok: bool = True, auto_graphs: bool = True) -> str | None:
     """``train.compile`` resolved to torch.compile's mode: None (no compile), ``default`` (``true``), or
     ``reduce-overhead`` (``cudagraphs``: the compiled layers replayed as CUDA graphs; CUDA only, plain
     compile elsewhere). ``auto`` means ``cudagraphs`` on CUDA where ``auto_ok`` (the caller's say:
     False over a quantized base, where compiling costs memory, docs/benchmarks.md, and with activation
-    checkpointing) and no compile otherwise."""
+    checkpointing) and no compile otherwise; plain compile instead of CUDA graphs unless ``auto_graphs``
+    (False with gradient accumulation: not measured under CUDA graphs)."""
     choice = train.compile
     if choice == "auto":
-        choice = "cudagraphs" if device.type == "cuda" and auto_ok else False
+        choice = (("cudagraphs" if auto_graphs else True) if device.type == "cuda" and auto_ok else False)
     if choice == "cudagraphs":
         return "reduce-overhead" if device.type == "cuda" else "default"
     return "default" if choice else None
 
 
-def accelerate(model: nn.Module, train, device: torch.device, auto_compile: bool = True) -> list[str]:
+def accelerate(model: nn.Module, train, device: torch.device, auto_compile: bool = True,
+               auto_graphs: bool = True) -> list[str]:
     """Apply the recipe's model-level levers (``train.kernels``, ``train.compile``); returns their names.
-    ``auto_compile``: whether ``train.compile: auto`` may compile on CUDA (see :func:`compile_mode`)."""
+    ``auto_compile`` / ``auto_graphs``: whether ``train.compile: auto`` may compile / use CUDA graphs on
+    CUDA (see :func:`compile_mode`)."""
     applied: list[str] = []
-    mode = compile_mode(train, device, auto_compile)
+    mode = compile_mode(train, device, auto_compile, auto_graphs)
     # torch.compile fuses norms and activations itself and cannot trace liger's Triton kernels
     use_liger = train.kernels == "liger" or (train.kernels == "auto" and device.type == "cuda" and mode is None)
     if use_liger and liger_kernels_available():

@@ -95,19 +95,20 @@ class StepLog:
 
     def __init__(self, trainer: "Trainer", progress: Progress, bar):
         self.trainer, self.progress, self.bar = trainer, progress, bar
-        self.tokens, self.t0 = 0, time.perf_counter()  # t0 moves forward past evaluation and saving
+        self.tokens, self.t0 = 0, None  # t0: start of the first step since the last record
 
     def record(self, stats: StepStats) -> None:
         """Read ``stats`` (raises LorakitError for a non-finite step) and log it every ``log_every`` steps."""
         trainer, cfg = self.trainer, self.trainer.recipe.train
         loss, grad_norm = stats.read()
         self.tokens += stats.tokens
+        self.t0 = stats.started if self.t0 is None else self.t0
         if stats.step % cfg.log_every == 0 or stats.step == trainer.total_steps:
             elapsed = time.perf_counter() - self.t0
             record = {"step": stats.step, "epoch": round(stats.step / trainer.steps_per_epoch, 4), "loss": loss,
                       "lr": stats.lr, "grad_norm": grad_norm, "tokens_per_s": self.tokens / max(elapsed, 1e-9)}
             trainer._log(record)
-            self.tokens, self.t0 = 0, time.perf_counter()
+            self.tokens, self.t0 = 0, None
             self.progress.update(self.bar, info=f"loss {loss:.4f}  lr {stats.lr:.2e}  {record['tokens_per_s']:,.0f} tok/s")
         self.progress.update(self.bar, completed=stats.step)
 
@@ -132,7 +133,8 @@ class Trainer:
         # auto compiles neither over a k-bit base (memory, docs/benchmarks.md) nor with activation
         # checkpointing (recomputation inside CUDA graphs: not measured)
         auto_ok = recipe.model.quantization is None and not recipe.model.gradient_checkpointing
-        self.levers = accelerate(model, cfg, device, auto_compile=auto_ok)  # lorakit.fast
+        self.levers = accelerate(model, cfg, device, auto_compile=auto_ok,  # lorakit.fast
+                                 auto_graphs=cfg.gradient_accumulation_steps == 1)
         self.cuda_graphs = any("reduce-overhead" in lever for lever in self.levers)
         if self.cuda_graphs and hasattr(data.collate, "pad_to_multiple_of"):
             data.collate.pad_to_multiple_of = CUDA_GRAPH_PAD  # each new shape records new graphs
@@ -211,9 +213,11 @@ class Trainer:
         self.method.before_step(self.step)
         items = sum(count_loss_items(b, self.task) for b in batches)
         loss_sum = None
-        for batch in batches:
+        for k, batch in enumerate(batches):
             loss = self.loss(batch, num_items=items)
             loss.backward()
+            if self.cuda_graphs and k == 0 and len(batches) > 1:  # the first .grad may live in a CUDA
+                self._own_grads(optimizer)  # graph's pool, which the next micro-batch's replay overwrites
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         grad_norm = None
         if cfg.max_grad_norm is not None:
@@ -231,6 +235,15 @@ class Trainer:
         self.step += 1
         stats.lr = scheduler.get_last_lr()[0]
         return stats
+
+    @staticmethod
+    def _own_grads(optimizer) -> None:
+        """Give every gradient its own memory (a copy), so later micro-batches accumulate into it."""
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad = p.grad.clone()
 
     def train(self, resume_from: Path | None = None) -> dict:
         """Train to ``total_steps``; returns the final eval metrics. Writes metrics.jsonl, checkpoints."""
@@ -262,7 +275,7 @@ class Trainer:
                 batches = [self.micro[self.step * accum + i] for i in range(accum)]
                 step_start = time.perf_counter()
                 stats = self.optimizer_step(batches, optimizer, scheduler)
-                stats.tokens = sum(count_tokens(b) for b in batches)
+                stats.tokens, stats.started = sum(count_tokens(b) for b in batches), step_start
                 if pending is not None:
                     log.record(pending)
                 pending = stats
@@ -273,14 +286,12 @@ class Trainer:
                     pending = None
                     synchronize(self.device)
                 self.train_seconds += time.perf_counter() - step_start
-                paused = time.perf_counter()
                 if at_eval:
                     metrics = self.evaluate()
                     self._log({"step": self.step, **metrics})
                     self.console.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
                 if at_save:
                     self._save(optimizer, scheduler)
-                log.t0 += time.perf_counter() - paused
         final = self._save(optimizer, scheduler)
         metrics = self.evaluate()
         self._log({"step": self.step, **metrics})

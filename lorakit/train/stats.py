@@ -28,13 +28,14 @@ def skips_nonfinite_on_device(optimizer: torch.optim.Optimizer) -> bool:
 class StepStats:
     """Optimizer step ``step`` (1-based): ``loss`` 0-d fp32 (summed over micro-batches, each already
     divided by the step's loss items), ``grad_norm`` 0-d (the total norm before clipping) or None,
-    ``lr`` (group 0's learning rate after the scheduler step), ``tokens``. Tensors may still be on the device."""
+    ``lr`` (group 0's learning rate after the scheduler step), ``tokens``, ``started``. Tensors may still be on the device."""
 
     step: int
     loss: torch.Tensor
     grad_norm: torch.Tensor | None = None
     lr: float | None = None
     tokens: int = 0  # input tokens of the step, padding excluded (for tokens/s)
+    started: float = 0.0  # time.perf_counter() when the step began
 
     def nonfinite(self) -> torch.Tensor:
         """0-d fp32 on the loss's device: 1.0 when the loss or the gradient norm is inf/NaN."""
@@ -56,6 +57,6 @@ class StepStats:
             raise LorakitError(
                 f"{what} at step {self.step}; lower train.learning_rate, or use model.dtype "
                 "bfloat16/float32 (float16 overflows easily); that update was not applied and the last "
-                "checkpoint is intact"
+                "checkpoint is intact (on GPU the step after it may already have run; it is not saved)"
             )
         return loss, norm

@@ -53,6 +53,21 @@ def test_deferred_reading_logs_the_same_losses(tmp_path):
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in b)
+    speeds = sorted(r["tokens_per_s"] for r in b)  # each record times whole steps, also at eval / save / end
+    assert speeds[-1] < 10 * speeds[len(speeds) // 2], speeds
+
+
+def test_nonfinite_step_mid_run_stops_before_anything_is_saved(tmp_path):
+    """Read one step late: a NaN at step 2 of 4 is reported as step 2 (step 3 may have run) and no
+    checkpoint is written after it."""
+    t = make_trainer(tmp_path, train={"max_steps": 4, "save_every": None, "gradient_accumulation_steps": 1})
+    t.make_optimizer = lambda: fused_optimizer(t)
+    real_loss = t.loss
+    t.loss = lambda batch, num_items=None: real_loss(batch, num_items) * (float("nan") if t.step == 1 else 1.0)
+    with pytest.raises(LorakitError, match="loss became nan at step 2; .*the step after it may already have run"):
+        t.train()
+    assert t.step == 3 and not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "final").exists()
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
 
 
 @pytest.mark.parametrize("fused", [False, True])
