@@ -331,3 +331,4 @@ def test_collator_pads_to_a_multiple():
     assert batch["input_ids"].shape == (2, 128)
     assert batch["attention_mask"].sum().item() == 73 and (batch["labels"][0, 3:] == -100).all()
     assert Collator(0)(rows)["input_ids"].shape == (2, 70)
+    assert Collator(0, pad_to_multiple_of=64, max_width=100)(rows)["input_ids"].shape == (2, 100)  # not past max

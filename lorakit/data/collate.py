@@ -61,17 +61,22 @@ class Collator:
     of a packed row gets positions 0, 1, ... so it forms its own block that no real token attends to.
     Classification rows → ``input_ids``, ``attention_mask`` and ``labels`` as a LongTensor of shape [B].
     ``pad_to_multiple_of``: the padded width is rounded up to a multiple of it (few distinct shapes, for
-    CUDA graphs); 1 pads to the longest row only.
+    CUDA graphs), but not past ``max_width`` (the longest row allowed, ``data.max_seq_length``) unless a
+    row is longer; 1 pads to the longest row only.
     """
 
-    def __init__(self, pad_token_id: int, classification: bool = False, pad_to_multiple_of: int = 1):
+    def __init__(self, pad_token_id: int, classification: bool = False, pad_to_multiple_of: int = 1,
+                 max_width: int | None = None):
         self.pad_token_id = int(pad_token_id)
         self.classification = classification
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_width = max_width
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        n, width = len(features), max(len(f["input_ids"]) for f in features)
-        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n, longest = len(features), max(len(f["input_ids"]) for f in features)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        if self.max_width is not None:
+            width = max(longest, min(width, self.max_width))
         ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         lengths = [len(f["input_ids"]) for f in features]
         for i, f in enumerate(features):

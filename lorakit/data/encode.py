@@ -236,7 +236,7 @@ def tokenize(raw: RawData, cfg: DataConfig, tokenizer, task: str) -> DataBundle:
     pad = 0 if pad is None else int(pad)
     prompts, refs = samples(raw, uses_template) if raw.format != "classification" else ([], [])
     return DataBundle(
-        train=train, eval=held, collate=Collator(pad, classification=raw.format == "classification"),
+        train=train, eval=held, collate=Collator(pad, classification=raw.format == "classification", max_width=cfg.max_seq_length),
         format=raw.format, label_names=raw.label_names, sample_prompts=prompts, sample_references=refs,
         packed=cfg.packing, pad_token_id=pad, stats=stats,
     )
