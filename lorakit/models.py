@@ -133,7 +133,7 @@ def _dtype(cfg: ModelConfig, precision: str = "auto") -> torch.dtype:
     if cfg.dtype == "auto":
         from lorakit.precision import resolve_precision
 
-        bf16 = resolve_precision(precision, model_device(), cfg.quantization is not None) == "bf16"
+        bf16 = resolve_precision(precision, model_device()) == "bf16"
         return torch.bfloat16 if bf16 else torch.float32
     return getattr(torch, cfg.dtype)
 

@@ -20,12 +20,11 @@ import torch
 CHOICES = ("auto", "bf16", "fp32")
 
 
-def resolve_precision(choice: str, device: torch.device, quantized: bool = False) -> str:
+def resolve_precision(choice: str, device: torch.device) -> str:
     """``bf16`` or ``fp32``: what ``train.precision`` = ``choice`` means on ``device``. ``auto`` is bf16 on
     CUDA and fp32 on CPU: on real models the bf16 losses leave the 1e-2 tolerance of PEFT's fp32
     default on CPU (docs/benchmarks.md), so bf16 there is opt-in (fast on CPUs with AVX-512 BF16 or
-    AMX). ``quantized`` is accepted for the callers' symmetry (a k-bit base computes in fp32 on CPU
-    anyway). Raises ValueError for a choice other than auto, bf16, fp32."""
+    AMX). Raises ValueError for a choice other than auto, bf16, fp32."""
     if choice not in CHOICES:
         raise ValueError(f"train.precision {choice!r}: expected one of {', '.join(CHOICES)}")
     if choice != "auto":
@@ -34,8 +33,8 @@ def resolve_precision(choice: str, device: torch.device, quantized: bool = False
 
 
 def recipe_precision(recipe, device: torch.device) -> str:
-    """:func:`resolve_precision` of a recipe's ``train.precision`` (its ``model.quantization`` included)."""
-    return resolve_precision(recipe.train.precision, device, recipe.model.quantization is not None)
+    """:func:`resolve_precision` of a recipe's ``train.precision``."""
+    return resolve_precision(recipe.train.precision, device)
 
 
 def autocast(device: torch.device, precision: str = "auto"):

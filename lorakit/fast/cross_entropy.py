@@ -165,7 +165,9 @@ def causal_lm_loss(model: nn.Module, batch: dict, num_items: int, impl: str = "c
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
     rows, targets = loss_rows(cpu_labels if cpu_labels is not None else batch["labels"])
     if rows.device != hidden.device:
-        rows, targets = (t.pin_memory().to(hidden.device, non_blocking=True) if hidden.is_cuda else t.to(hidden.device)
-                         for t in (rows, targets))
+        from lorakit.evaluate import to_device  # pinned, non-blocking to a GPU
+
+        moved = to_device({"rows": rows, "targets": targets}, hidden.device)
+        rows, targets = moved["rows"], moved["targets"]
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
     return linear_cross_entropy(hidden, head.weight, targets, impl) / num_items

@@ -281,10 +281,12 @@ class Trainer:
                 pending = stats
                 at_eval = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < self.total_steps
                 at_save = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < self.total_steps
-                if not deferred or at_eval or at_save or self.step == self.total_steps:
+                boundary = at_eval or at_save or self.step == self.total_steps
+                if not deferred or boundary:
                     log.record(pending)  # read now: before evaluating or saving, or nothing to wait for
                     pending = None
-                    synchronize(self.device)
+                if boundary:
+                    synchronize(self.device)  # train_seconds counts the queued GPU work of the steps
                 self.train_seconds += time.perf_counter() - step_start
                 if at_eval:
                     metrics = self.evaluate()
