@@ -105,13 +105,10 @@ def compile_mode(train, device: torch.device, auto_ok: bool = True, auto_graphs:
     return "default" if choice else None
 
 
-def accelerate(model: nn.Module, train, device: torch.device, auto_compile: bool = True,
-               auto_graphs: bool = True) -> list[str]:
-    """Apply the recipe's model-level levers (``train.kernels``, ``train.compile``); returns their names.
-    ``auto_compile`` / ``auto_graphs``: whether ``train.compile: auto`` may compile / use CUDA graphs on
-    CUDA (see :func:`compile_mode`)."""
+def accelerate(model: nn.Module, train, device: torch.device, mode: str | None) -> list[str]:
+    """Apply the recipe's model-level levers: ``train.kernels`` and the compile ``mode`` resolved by
+    :func:`compile_mode` (None: no compile). Returns their names, e.g. ``["compile×24 (reduce-overhead)"]``."""
     applied: list[str] = []
-    mode = compile_mode(train, device, auto_compile, auto_graphs)
     # torch.compile fuses norms and activations itself and cannot trace liger's Triton kernels
     use_liger = train.kernels == "liger" or (train.kernels == "auto" and device.type == "cuda" and mode is None)
     if use_liger and liger_kernels_available():

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lorakit.config import recipe_to_dict
 from lorakit.evaluate import autocast, evaluate_model, to_device, without_causal_padding_mask
 from lorakit.fast import accelerate, causal_lm_loss, resolve_cross_entropy
+from lorakit.fast.kernels import compile_mode, decoder_layers
 from lorakit.precision import recipe_precision
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.optim import build_optimizer, build_scheduler
@@ -133,9 +134,9 @@ class Trainer:
         # auto compiles neither over a k-bit base (memory, docs/benchmarks.md) nor with activation
         # checkpointing (recomputation inside CUDA graphs: not measured)
         auto_ok = recipe.model.quantization is None and not recipe.model.gradient_checkpointing
-        self.levers = accelerate(model, cfg, device, auto_compile=auto_ok,  # lorakit.fast
-                                 auto_graphs=cfg.gradient_accumulation_steps == 1)
-        self.cuda_graphs = any("reduce-overhead" in lever for lever in self.levers)
+        mode = compile_mode(cfg, device, auto_ok, auto_graphs=cfg.gradient_accumulation_steps == 1)
+        self.levers = accelerate(model, cfg, device, mode)  # lorakit.fast
+        self.cuda_graphs = mode == "reduce-overhead" and decoder_layers(model) is not None
         if self.cuda_graphs and hasattr(data.collate, "pad_to_multiple_of"):
             data.collate.pad_to_multiple_of = CUDA_GRAPH_PAD  # each new shape records new graphs
 
@@ -191,6 +192,11 @@ class Trainer:
             write_peft_folder(folder, self.model, self.method, self.recipe)
         except Exception as err:  # the run is saved already; a failed extra copy must not lose it
             self.console.print(f"[yellow]warning:[/] no PEFT copy in {folder}: {err}")
+
+    def speed_summary(self) -> list[str]:
+        """What this run computes with, for one line at the start of training (docs/benchmarks.md)."""
+        graphs = f"CUDA graphs, widths padded to {CUDA_GRAPH_PAD}" if self.cuda_graphs else None
+        return [self.precision, f"loss {self.cross_entropy}", *self.levers, *([graphs] if graphs else [])]
 
     # ---- the loop -------------------------------------------------------------------------------
     def make_optimizer(self):
@@ -253,6 +259,7 @@ class Trainer:
             self.method.prepare(self.context())
         self.model.train()
         optimizer, scheduler = self.make_optimizer()
+        self.console.print(f"[dim]speed: {', '.join(self.speed_summary())}[/dim]")
         if resume_from is not None:
             state = ckpt.load_trainer_state(resume_from)
             optimizer.load_state_dict(state["optimizer"])

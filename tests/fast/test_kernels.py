@@ -26,7 +26,7 @@ def test_decoder_layers():
 
 def test_cpu_defaults_change_nothing():
     model = tiny_llama()
-    assert accelerate(model, TrainConfig(), torch.device("cpu")) == []
+    assert accelerate(model, TrainConfig(), torch.device("cpu"), None) == []
     assert "forward" not in vars(model.model.norm)
     assert resolve_cross_entropy("auto", torch.device("cpu")) == "chunked"
     assert resolve_cross_entropy("full", torch.device("cpu")) == "full"
@@ -37,7 +37,7 @@ def test_asking_for_liger_without_it_says_how_to_get_it():
     with pytest.raises(LorakitError, match="pip install liger-kernel"):
         resolve_cross_entropy("liger", torch.device("cpu"))
     with pytest.raises(LorakitError, match="pip install liger-kernel"):
-        accelerate(tiny_llama(), TrainConfig(kernels="liger"), torch.device("cpu"))
+        accelerate(tiny_llama(), TrainConfig(kernels="liger"), torch.device("cpu"), None)
 
 
 @pytest.mark.parametrize("choice, device, auto_ok, expected", [

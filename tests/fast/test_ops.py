@@ -99,6 +99,7 @@ def test_dora_layer_fused_path_equals_plain_path():
             assert rel(p.grad, q.grad) < 1e-5, n
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(triton_ops.triton is None or not torch.cuda.is_available(), reason="needs Triton and CUDA")
 def test_triton_dora_kernels_on_cuda():
     g = torch.Generator(device="cuda").manual_seed(0)

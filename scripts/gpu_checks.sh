@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every GPU-only test in one command, for a machine with CUDA (CI has none, so these skip there):
+#   tests/train/test_compiled_gpu.py  the default compile (CUDA graphs) vs eager for every method, batch
+#                                     widths padded to 64, gradient accumulation
+#   tests/test_cli_gpu.py             lorakit train / --resume / eval / merge end to end under the default
+#                                     compile, on variable-length data, against the same run uncompiled
+#   tests/fast/test_ops.py            DoRA's Triton kernels
+# Usage, from the repository root:  bash scripts/gpu_checks.sh [extra pytest arguments]
+# Packages missing on the machine can sit as wheels in .whl/ (installed into /tmp/site first): lorakit's
+# own needs that the machine lacks (pydantic, datasets, dill, multiprocess, ...) and liger-kernel
+# (SKIP_WHEELS=1 skips that).
+set -euo pipefail
+if [ -z "${SKIP_WHEELS:-}" ] && compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+python3 - <<'PY'
+import importlib
+import torch
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")
+for name in ("torch", "transformers", "datasets", "pyarrow", "liger_kernel", "bitsandbytes"):
+    try:
+        print(f"  {name} {importlib.import_module(name).__version__}")
+    except Exception as err:  # report, let the tests say what fails
+        print(f"  {name}: {type(err).__name__}: {err}")
+PY
+python3 -m pytest -q -m gpu -p no:cacheprovider tests "$@"
