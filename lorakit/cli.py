@@ -54,7 +54,7 @@ def eval_cmd(
         overrides = {"data": {"source": data}} if data else None
         session, path = load_checkpoint_session(run, console, overrides)
         trainer = Trainer(session.model, session.tokenizer, session.method, session.data,
-                          session.recipe, session.device, console)
+                          session.recipe, session.device, console, allow_compile=False)
         options = {k: v for k, v in (("rank", rank), ("ranks", ranks)) if v is not None}
         if options and "evaluate" not in session.method.hooks_used():
             raise LorakitError(f"--rank/--ranks: method {session.method.name} has a fixed rank")

@@ -51,6 +51,13 @@ def _note_base_reload(module: "DoraLayer", state_dict: dict, prefix: str, *args)
         module._base_reloaded = True
 
 
+def _refresh_norm(module: "DoraLayer", incompatible_keys) -> None:
+    """load_state_dict post-hook: recompute ‖w_i‖² from the new base weight (eagerly, not in forward)."""
+    if module._base_reloaded:
+        module.weight_norm_sq = module._base_norm_sq().to(module.weight_norm_sq.device)
+        module._base_reloaded = False
+
+
 class DoraLayer(LoraLayer):
     """A LoRA layer with a trainable per-row ``magnitude`` (out,) and a detached row-norm rescaling."""
 
@@ -60,6 +67,7 @@ class DoraLayer(LoraLayer):
         self.magnitude = nn.Parameter(self.weight_norm_sq.sqrt().clone())
         self._base_reloaded = False
         self.register_load_state_dict_pre_hook(_note_base_reload)
+        self.register_load_state_dict_post_hook(_refresh_norm)
 
     def _base_norm_sq(self) -> torch.Tensor:
         """‖w_i‖² of the frozen base weight, fp32 ``(out,)`` (computed in fp64 for accuracy)."""
@@ -78,9 +86,6 @@ class DoraLayer(LoraLayer):
 
     def weight_norm(self) -> torch.Tensor:
         """n = ‖W0 + s·BA‖_row as fp32 ``(out,)``, detached, without materializing W0 + s·BA."""
-        if self._base_reloaded:
-            self.weight_norm_sq = self._base_norm_sq().to(self.weight_norm_sq.device)
-            self._base_reloaded = False
         device_type = self.lora_A.weight.device.type
         with torch.no_grad(), torch.autocast(device_type, enabled=False):
             a = self.lora_A.weight.float()  # (r, in)

@@ -42,18 +42,6 @@ from lorakit.methods import register
 from lorakit.methods.base import Method
 from lorakit.methods.lora import LoraLayer, adapter_input
 
-_SPANS: dict[tuple, torch.Tensor] = {}
-
-
-def span(r: int, lo: int, hi: int, dim: int, device: torch.device) -> torch.Tensor:
-    """Bool mask, True for lo ≤ i < hi: ``(r, 1)`` (rows, dim 0) or ``(1, r)`` (columns, dim 1); cached."""
-    key = (r, lo, hi, dim, device)
-    if key not in _SPANS:
-        i = torch.arange(r, device=device)
-        _SPANS[key] = ((i >= lo) & (i < hi)).view((r, 1) if dim == 0 else (1, r))
-    return _SPANS[key]
-
-
 class RankMasks:
     """The training rank b of one step as device tensors, rewritten in place each step (same objects,
     so compiled graphs see new values, not new constants): ``train`` ``(r,)`` bool, True for the rows
@@ -65,9 +53,9 @@ class RankMasks:
 
     @torch.no_grad()
     def set(self, lo: int, b: int, s: float) -> None:
-        i = torch.arange(self.train.numel())
-        self.train.copy_((i >= lo) & (i < b), non_blocking=True)
-        self.scale.copy_(torch.where(i < b, s, 0.0), non_blocking=True)
+        i = torch.arange(self.train.numel(), device=self.train.device)  # built on the device: no host copy
+        self.train.copy_((i >= lo) & (i < b))
+        self.scale.copy_(torch.where(i < b, s, 0.0))
 
 
 class DyLoraConfig(MethodConfig):
@@ -107,8 +95,8 @@ class DyLoraLayer(LoraLayer):
             A = torch.where(masks.train[:, None], A, A.detach())
             return A, torch.where(masks.train[None, :], B, B.detach()) * masks.scale, 1.0
         b = self.train_rank if self.training else self.rank
-        if b < self.r:
-            B = torch.where(span(self.r, 0, b, 1, A.device), B, 0)
+        if b < self.r:  # columns ≥ b of B zeroed
+            B = torch.where(torch.arange(self.r, device=A.device) < b, B, 0)
         return A, B, self.rank_scaling(b)
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:

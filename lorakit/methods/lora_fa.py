@@ -68,20 +68,17 @@ class DropoutFrozenProjection(torch.autograd.Function):
 
 
 class ProjectGradient(torch.autograd.Function):
-    """Identity on B ``(out, r)`` whose backward maps g_B to (1/s²)·g_B·pinv(AAᵀ)."""
+    """Identity on B ``(out, r)`` whose backward maps g_B to g_B·P, P = pinv(AAᵀ)/s² ``(r, r)`` fp32."""
 
     @staticmethod
-    def forward(ctx, B: torch.Tensor, A: torch.Tensor, scaling: float) -> torch.Tensor:
-        ctx.save_for_backward(A)
-        ctx.scaling = scaling
+    def forward(ctx, B: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(projection)
         return B.view_as(B)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (A,) = ctx.saved_tensors
-        A = A.float()
-        inverse = torch.linalg.pinv(A @ A.T)
-        return (grad.float() @ inverse / ctx.scaling**2).to(grad.dtype), None, None
+        (projection,) = ctx.saved_tensors
+        return (grad.float() @ projection).to(grad.dtype), None
 
 
 class LoraFaLayer(LoraLayer):
@@ -91,6 +88,20 @@ class LoraFaLayer(LoraLayer):
         super().__init__(base_layer, cfg)
         self.lora_A.weight.requires_grad_(False)
         self.gradient_projection = cfg.gradient_projection
+        self.register_buffer("projection", None, persistent=False)  # P (r, r) fp32, see refresh_projection
+        self._projection_of: tuple = ()
+
+    @torch.no_grad()
+    def refresh_projection(self) -> None:
+        """P = pinv(AAᵀ)/s² ``(r, r)`` fp32, recomputed only when A changed (a load). Runs eagerly: the
+        trainer calls it before each step (:meth:`LoraFa.before_step`), so a compiled forward only reads
+        the buffer (a pseudo-inverse inside a CUDA graph would need a host sync)."""
+        A = self.lora_A.weight
+        key = (A._version, A.data_ptr(), A.device)
+        if self.projection is None or key != self._projection_of:
+            A = A.float()
+            self.projection = torch.linalg.pinv(A @ A.T) / self.scaling**2
+            self._projection_of = key
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A.weight, self.lora_B.weight
@@ -101,7 +112,9 @@ class LoraFaLayer(LoraLayer):
         else:
             ax = F.linear(x, A)
         if self.gradient_projection and B.requires_grad and torch.is_grad_enabled():
-            B = ProjectGradient.apply(B, A, self.scaling)
+            if self.projection is None or not torch.compiler.is_compiling():
+                self.refresh_projection()
+            B = ProjectGradient.apply(B, self.projection)
         return F.linear(ax, B) * self.scaling
 
 
@@ -112,6 +125,12 @@ class LoraFa(Method):
     trains = "lora_B (lora_A frozen at its random init)"
     config_class = LoraFaConfig
     layer_class = LoraFaLayer
+
+    def before_step(self, step: int) -> None:
+        """Gradient projection: make each layer's P current, outside any compiled forward."""
+        if self.cfg.gradient_projection:
+            for layer in self.layers.values():
+                layer.refresh_projection()
 
     def export_peft(self, model: nn.Module):
         """PEFT LoRA (its own ``lora_output`` only saves memory; the math is LoRA's)."""

@@ -117,7 +117,10 @@ class StepLog:
 class Trainer:
     """Runs one recipe's training on an adapter-carrying model."""
 
-    def __init__(self, model, tokenizer, method, data, recipe, device: torch.device, console: Console):
+    def __init__(self, model, tokenizer, method, data, recipe, device: torch.device, console: Console,
+                 allow_compile: bool = True):
+        """``allow_compile=False`` for evaluation alone (``lorakit eval``): compiling and recording CUDA graphs
+        costs more than one evaluation pass saves, so ``train.compile`` is ignored then."""
         self.model, self.tokenizer, self.method, self.data = model, tokenizer, method, data
         self.recipe, self.device, self.console = recipe, device, console
         self.run_dir = Path(recipe.output_dir)
@@ -134,7 +137,7 @@ class Trainer:
         # auto compiles neither over a k-bit base (memory, docs/benchmarks.md) nor with activation
         # checkpointing (recomputation inside CUDA graphs: not measured)
         auto_ok = recipe.model.quantization is None and not recipe.model.gradient_checkpointing
-        mode = compile_mode(cfg, device, auto_ok, auto_graphs=cfg.gradient_accumulation_steps == 1)
+        mode = compile_mode(cfg, device, auto_ok, auto_graphs=cfg.gradient_accumulation_steps == 1) if allow_compile else None
         self.levers = accelerate(model, cfg, device, mode)  # lorakit.fast
         self.cuda_graphs = mode == "reduce-overhead" and decoder_layers(model) is not None
         if self.cuda_graphs and hasattr(data.collate, "pad_to_multiple_of"):

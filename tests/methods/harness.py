@@ -127,3 +127,27 @@ def check_merged_like_peft(method, peft_merged) -> None:
     for name, layer in method.layers.items():
         torch.testing.assert_close(layer.merged_layer().weight, peft_merged.get_submodule(name).weight,
                                    rtol=1e-5, atol=1e-6)
+
+
+def compile_recording(module: torch.nn.Module):
+    """(compiled ``module``, graphs): torch.compile through AOTAutograd without inductor, keeping every
+    forward (or inference) and backward graph it builds, to check what a compiled layer computes."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    graphs: dict[str, list] = {"forward": [], "backward": []}
+
+    def keep(kind: str):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+    return torch.compile(module, backend=backend), graphs
+
+
+def graph_outputs(gm) -> int:
+    """Number of outputs of an FX graph module."""
+    return len(next(n for n in gm.graph.nodes if n.op == "output").args[0])

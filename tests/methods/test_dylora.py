@@ -260,3 +260,23 @@ def test_resume_continues_identically(tmp_path):
     a, b = adapter_state_dict(full.model), adapter_state_dict(resumed.model)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_eval_rank_below_r_compiles_once_with_no_side_outputs():
+    """The rank-b mask of evaluation is built inside the layer's graph: no module-level tensor cache
+    (under CUDA graphs a tensor created in one graph and kept outside would be freed or overwritten)."""
+    from lorakit.config import recipe_from_dict
+
+    cfg = recipe_from_dict({"method": CFG}).method
+    layer = dylora.DyLoraLayer(torch.nn.Linear(12, 10), cfg).eval()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    layer.set_rank(2)
+    compiled, graphs = H.compile_recording(layer)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        first, second = compiled(x), compiled(x)
+        eager = layer(x)
+    assert len(graphs["forward"]) == 1 and H.graph_outputs(graphs["forward"][0]) == 1
+    torch.testing.assert_close(first, eager)
+    torch.testing.assert_close(second, eager)

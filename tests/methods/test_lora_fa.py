@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -190,3 +192,19 @@ def test_projected_adamw_steps_match_peft_lorafa_optimizer(monkeypatch):
     for name, param in model.named_parameters():
         if ".lora_" in name:
             torch.testing.assert_close(param, theirs[name], rtol=1e-3, atol=1e-4)
+
+
+def test_compiled_projection_reads_a_precomputed_matrix():
+    """With gradient projection the compiled backward only multiplies by P = pinv(AAᵀ)/s²; the
+    pseudo-inverse (a host sync on CUDA, not capturable in a CUDA graph) runs eagerly before the step."""
+    torch.manual_seed(0)
+    xs = [torch.randn(5, 24)]
+    _, eager = raw_and_projected_grads(xs)
+    layer = copy.deepcopy(eager)
+    layer.lora_B.weight.grad = None
+    layer.refresh_projection()  # what LoraFa.before_step does
+    compiled, graphs = H.compile_recording(layer)
+    compiled(xs[0]).pow(2).sum().backward()
+    code = "".join(gm.code for kind in graphs.values() for gm in kind)
+    assert graphs["backward"] and "pinv" not in code
+    torch.testing.assert_close(layer.lora_B.weight.grad, eager.lora_B.weight.grad, rtol=1e-5, atol=1e-6)
