@@ -13,6 +13,10 @@ counts the saved bytes). Dropout would bring a full-width tensor back: PyTorch's
 mask (a float tensor as large as x on CPU, a bool tensor on CUDA). So with ``lora_dropout > 0`` the
 branch computes A·dropout(x) in one autograd function that saves only a random seed and regenerates
 the mask in the backward pass (one extra Bernoulli draw per layer): nothing full-width is saved.
+Inside ``torch.compile`` (the default on CUDA, ``train.compile``), where a seeded generator cannot be
+traced and would split every compiled layer at each adapter, the branch is plain dropout + linear
+instead; the compiler then saves the dropout mask as bool (1 byte per element) and the r-wide
+A·dropout(x), still never x itself (``tests/methods/test_lora_fa.py`` inspects the compiled graph).
 
 Optional gradient projection (``gradient_projection: true``, METHODS.md §6, as PEFT's LoRA-FA
 optimizer does): g_B ← (1/s²) · g_B · (AAᵀ)⁻¹ (pseudo-inverse, fp32), the B-gradient whose low-rank
@@ -107,7 +111,9 @@ class LoraFaLayer(LoraLayer):
         A, B = self.lora_A.weight, self.lora_B.weight
         x = adapter_input(x, A)
         p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
-        if self.training and p > 0:
+        if self.training and p > 0 and torch.compiler.is_compiling():
+            ax = F.linear(self.lora_dropout(x), A)  # compiled: saves a 1-byte mask (module docstring)
+        elif self.training and p > 0:
             ax = DropoutFrozenProjection.apply(x, A, p)
         else:
             ax = F.linear(x, A)

@@ -8,7 +8,7 @@ from lorakit.errors import LorakitError
 from lorakit.fast import accelerate, resolve_cross_entropy
 from lorakit.fast.cross_entropy import liger_available
 from lorakit.fast.kernels import apply_liger, decoder_layers, liger_kernels_available
-from tests.conftest import tiny_gpt2, tiny_llama
+from tests.conftest import tiny_gpt2, tiny_inputs, tiny_llama
 
 
 def test_liger_patches_rms_norms_and_swiglu_of_llama_style_models_only():
@@ -58,3 +58,25 @@ def test_compile_field_rejects_other_words():
 
     with pytest.raises(RecipeError, match="train.compile = .max-autotune. is invalid: expected auto, cudagraphs, true or false"):
         recipe_from_dict({"train": {"compile": "max-autotune"}})
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("lora", {}), ("lora_plus", {}), ("dora", {}), ("vera", {"r": 16}), ("lora_fa", {}),
+    ("lora_fa", {"gradient_projection": True}), ("dylora", {}), ("lora_drop", {}),
+    ("delta_lora", {"delta_start_step": 0, "lora_dropout": 0.0}),
+])
+def test_every_method_compiles_each_decoder_layer_as_one_graph(name, extra):
+    """train.compile compiles whole decoder layers; a graph break inside one (e.g. an untraceable op in
+    an adapter) would split it, and under CUDA graphs every piece becomes a separate graph. Default
+    dropout (0.05) and the trainer's before_step hook included, training mode, forward and backward."""
+    from tests.methods import harness as H
+
+    model, method = H.make("llama", {"name": name, "r": 4, "lora_dropout": 0.05, **extra})
+    model.train()
+    method.before_step(0)
+    torch._dynamo.reset()
+    for layer in decoder_layers(model):
+        layer.compile(backend="aot_eager", fullgraph=True)  # raises at a graph break
+    inputs = tiny_inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)

@@ -129,10 +129,12 @@ def check_merged_like_peft(method, peft_merged) -> None:
                                    rtol=1e-5, atol=1e-6)
 
 
-def compile_recording(module: torch.nn.Module):
+def compile_recording(module: torch.nn.Module, fullgraph: bool = False):
     """(compiled ``module``, graphs): torch.compile through AOTAutograd without inductor, keeping every
-    forward (or inference) and backward graph it builds, to check what a compiled layer computes."""
-    from functorch.compile import make_boxed_func
+    forward (or inference) and backward graph it builds, to check what a compiled layer computes; the
+    forward / backward split is inductor's (min-cut rematerialization), so a forward graph's outputs
+    after the first are what the compiled layer saves for backward."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
     torch._dynamo.reset()
@@ -144,10 +146,12 @@ def compile_recording(module: torch.nn.Module):
             return make_boxed_func(gm.forward)
         return compiler
 
-    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
-    return torch.compile(module, backend=backend), graphs
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                           partition_fn=min_cut_rematerialization_partition)
+    return torch.compile(module, backend=backend, fullgraph=fullgraph), graphs
 
 
-def graph_outputs(gm) -> int:
-    """Number of outputs of an FX graph module."""
-    return len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+def graph_outputs(gm) -> list:
+    """The example values (tensors, or None) of an FX graph module's outputs."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return [o.meta.get("val") if o is not None else None for o in out]

@@ -208,3 +208,18 @@ def test_compiled_projection_reads_a_precomputed_matrix():
     code = "".join(gm.code for kind in graphs.values() for gm in kind)
     assert graphs["backward"] and "pinv" not in code
     torch.testing.assert_close(layer.lora_B.weight.grad, eager.lora_B.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_dropout_branch_has_no_graph_break_and_saves_no_float_activation():
+    """Under torch.compile (the CUDA default) dropout > 0 takes the traceable branch: one graph, and
+    the tensors kept for backward are the bool mask and r-wide ones, never a float copy of x."""
+    cfg = recipe_from_dict({"method": {**CFG, "r": 4, "lora_dropout": 0.1}}).method
+    layer = LoraFaLayer(nn.Linear(24, 16).requires_grad_(False), cfg).train()
+    compiled, graphs = H.compile_recording(layer, fullgraph=True)  # a graph break raises
+    x = torch.randn(5, 24, requires_grad=True)
+    compiled(x).pow(2).sum().backward()
+    assert layer.lora_B.weight.grad is not None and x.grad is not None
+    saved = [v for v in H.graph_outputs(graphs["forward"][0])[1:] if isinstance(v, torch.Tensor)]
+    full_width_float = [tuple(v.shape) for v in saved if v.shape[-1] == 24 and v.dtype.is_floating_point and v.ndim == 2
+                        and v.shape[0] == 5]
+    assert full_width_float == [] and any(v.dtype == torch.bool for v in saved), [(v.shape, v.dtype) for v in saved]
