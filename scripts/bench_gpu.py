@@ -164,7 +164,7 @@ def lorakit_setup(shape, name, device, batch, train=None, method=None, grad_ckpt
         model.enable_input_require_grads()
     trainer = Trainer(model, None, adapter, FakeData(batch), recipe, device, Console(quiet=True))
     optimizer, scheduler = trainer.make_optimizer()
-    levers = trainer.levers + [f"precision {trainer.precision}"]
+    levers = trainer.speed_summary()
     return model, lambda b: trainer.optimizer_step([b], optimizer, scheduler).loss, levers
 
 

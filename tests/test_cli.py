@@ -87,3 +87,29 @@ def test_bbc_minilm_classification(tmp_path):
     assert result.exit_code == 0, result.output
     after = json.loads((run / "summary.json").read_text())["after"]
     assert 0 <= after["accuracy"] <= 1 and "macro_f1" in after
+
+
+def test_eval_does_not_compile(tmp_path, monkeypatch):
+    """``lorakit eval`` of a run whose recipe compiles: one evaluation pass is not worth a compile."""
+    import yaml
+
+    from lorakit.fast import kernels
+    from tests.test_quant import save_tiny
+
+    save_tiny(tmp_path, texts=30)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tmp_path)}, "method": {"name": "lora", "r": 4},
+        "data": {"source": str(tmp_path / "data.jsonl"), "format": "text", "max_seq_length": 16},
+        "train": {"max_steps": 2, "batch_size": 4, "num_samples": 0, "compile": True},
+        "output_dir": str(tmp_path / "run")}))
+    monkeypatch.setattr(kernels, "compile_layers", lambda model, mode=None: ["compile×2"])  # training: pretend
+    assert invoke("train", recipe).exit_code == 0
+
+    def refuse(model, mode=None):
+        raise AssertionError("lorakit eval compiled the model")
+
+    monkeypatch.setattr(kernels, "compile_layers", refuse)
+    result = invoke("eval", tmp_path / "run", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["eval_loss"] > 0

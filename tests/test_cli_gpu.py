@@ -1,10 +1,11 @@
 """``lorakit train`` end to end on CUDA with the default ``train.compile: auto`` (decoder layers replayed
 as CUDA graphs): variable-length data (batch widths padded to multiples of 64), evaluation and
-checkpoints between steps, samples generated eagerly, ``--resume``, ``eval`` and ``merge``; the losses
-must track the same run with ``train.compile: false``. Skipped without CUDA (CI has none); on a GPU:
+checkpoints between steps, samples generated eagerly, ``--resume``, ``eval`` and ``merge``; in fp32 the
+losses must equal those of the same run with ``train.compile: false`` within 1e-4 (summation order),
+while the adapter lowers the held-out loss by more than 0.1. Skipped without CUDA (CI has none); on a GPU:
 ``python -m pytest tests/test_cli_gpu.py`` (scripts/gpu_checks.sh runs every GPU test).
 
-``LORAKIT_E2E_COMPILE=true python -m pytest tests/test_cli_gpu.py`` runs the same flow on CPU with
+``LORAKIT_E2E_COMPILE=1 python -m pytest tests/test_cli_gpu.py`` runs the same flow on CPU with
 plain ``torch.compile`` (inductor; needs a C++ compiler, ~1 min), which checks the test itself."""
 
 import json
@@ -18,10 +19,10 @@ from typer.testing import CliRunner
 from lorakit.cli import app
 from tests.test_quant import save_tiny
 
-CPU_COMPILE = os.environ.get("LORAKIT_E2E_COMPILE")
+CPU_COMPILE = os.environ.get("LORAKIT_E2E_COMPILE", "") not in ("", "0", "false")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (torch.cuda.is_available() or CPU_COMPILE),
                                                   reason="needs CUDA (or LORAKIT_E2E_COMPILE on CPU)")]
-STEPS, TOL = 12, 2e-2  # bf16 autocast: compiled and eager kernels round differently
+STEPS, TOL = 12, 1e-4  # fp32: compiled and eager differ only in summation order
 
 
 def write_data(path, n: int = 120) -> None:
@@ -36,10 +37,11 @@ def write_data(path, n: int = 120) -> None:
 def train(folder, run, compile_choice, *extra) -> tuple[int, str]:
     recipe = {
         "model": {"name_or_path": str(folder), "task": "causal_lm"},
-        "method": {"name": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "method": {"name": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
         "data": {"source": str(folder / "long.jsonl"), "format": "text", "max_seq_length": 112, "eval_max_examples": 16},
-        "train": {"learning_rate": 3e-3, "batch_size": 4, "max_steps": STEPS, "eval_every": 4, "save_every": 4,
-                  "num_samples": 1, "lr_scheduler": "constant", "compile": compile_choice, "seed": 0},
+        "train": {"learning_rate": 3e-2, "batch_size": 4, "max_steps": STEPS, "eval_every": 4, "save_every": 4,
+                  "num_samples": 1, "lr_scheduler": "constant", "compile": compile_choice, "seed": 0,
+                  "precision": "fp32"},  # tight comparisons; the bf16 default: tests/train/test_compiled_gpu.py
         "output_dir": str(run),
     }
     path = run.parent / f"{run.name}.yaml"
@@ -57,7 +59,7 @@ def test_train_resume_eval_merge_under_default_compile(tmp_path):
     folder = tmp_path / "model"
     save_tiny(folder)
     write_data(folder / "long.jsonl")
-    choice = CPU_COMPILE or "auto"
+    choice = True if CPU_COMPILE else "auto"  # on CPU, auto would not compile
 
     code, out = train(folder, tmp_path / "eager", False)
     assert code == 0, out
@@ -68,11 +70,10 @@ def test_train_resume_eval_merge_under_default_compile(tmp_path):
     assert sorted(eager) == sorted(compiled) == list(range(1, STEPS + 1))
     worst = max(abs(compiled[s] - eager[s]) / eager[s] for s in eager)
     assert worst < TOL, f"compiled {compiled} vs eager {eager}"
-    assert compiled[STEPS] < compiled[1]
     summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
-    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"] - 0.1, summary  # it learns
 
-    # resume the compiled run from its step-8 checkpoint: the last four losses again
+    # the same compiled run stopped at step 8 and resumed: steps 9-12 as in the uninterrupted run
     resumed = tmp_path / "resumed"
     code, out = train(folder, resumed, choice, "train.max_steps=8")
     assert code == 0, out

@@ -81,13 +81,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
 
 def compile_layers(model: nn.Module, mode: str | None = None) -> list[str]:
     """``torch.compile`` every decoder layer in place (``mode``: torch.compile's, e.g.
-    ``reduce-overhead`` for CUDA graphs); returns ``["compile×N"]`` or [] if none found."""
+    ``reduce-overhead`` for CUDA graphs); returns ``["compile×N"]`` (``"compile×N as CUDA graphs"``) or [] if
+    none found."""
     layers = decoder_layers(model)
     if layers is None:
         return []
     for layer in layers:
         layer.compile(mode=mode)
-    return [f"compile×{len(layers)}" + (f" ({mode})" if mode else "")]
+    return [f"compile×{len(layers)}" + (" as CUDA graphs" if mode == "reduce-overhead" else f" ({mode})" if mode else "")]
 
 
 def compile_mode(train, device: torch.device, auto_ok: bool = True, auto_graphs: bool = True) -> str | None:
@@ -107,7 +108,7 @@ def compile_mode(train, device: torch.device, auto_ok: bool = True, auto_graphs:
 
 def accelerate(model: nn.Module, train, device: torch.device, mode: str | None) -> list[str]:
     """Apply the recipe's model-level levers: ``train.kernels`` and the compile ``mode`` resolved by
-    :func:`compile_mode` (None: no compile). Returns their names, e.g. ``["compile×24 (reduce-overhead)"]``."""
+    :func:`compile_mode` (None: no compile). Returns their names, e.g. ``["compile×24 as CUDA graphs"]``."""
     applied: list[str] = []
     # torch.compile fuses norms and activations itself and cannot trace liger's Triton kernels
     use_liger = train.kernels == "liger" or (train.kernels == "auto" and device.type == "cuda" and mode is None)

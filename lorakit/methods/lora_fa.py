@@ -103,8 +103,9 @@ class LoraFaLayer(LoraLayer):
         A = self.lora_A.weight
         key = (A._version, A.data_ptr(), A.device)
         if self.projection is None or key != self._projection_of:
-            A = A.float()
-            self.projection = torch.linalg.pinv(A @ A.T) / self.scaling**2
+            with torch.autocast(A.device.type, enabled=False):  # pinv needs fp32 (no bf16 kernel)
+                A = A.float()
+                self.projection = torch.linalg.pinv(A @ A.T) / self.scaling**2
             self._projection_of = key
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:

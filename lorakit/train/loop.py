@@ -140,8 +140,9 @@ class Trainer:
         mode = compile_mode(cfg, device, auto_ok, auto_graphs=cfg.gradient_accumulation_steps == 1) if allow_compile else None
         self.levers = accelerate(model, cfg, device, mode)  # lorakit.fast
         self.cuda_graphs = mode == "reduce-overhead" and decoder_layers(model) is not None
+        self.padded_to = None  # batch widths rounded up to a multiple of this (CUDA graphs)
         if self.cuda_graphs and hasattr(data.collate, "pad_to_multiple_of"):
-            data.collate.pad_to_multiple_of = CUDA_GRAPH_PAD  # each new shape records new graphs
+            data.collate.pad_to_multiple_of = self.padded_to = CUDA_GRAPH_PAD  # each new shape records new graphs
 
     # ---- pieces ---------------------------------------------------------------------------------
     def loss(self, batch: dict, num_items: int | None = None) -> torch.Tensor:
@@ -198,8 +199,8 @@ class Trainer:
 
     def speed_summary(self) -> list[str]:
         """What this run computes with, for one line at the start of training (docs/benchmarks.md)."""
-        graphs = f"CUDA graphs, widths padded to {CUDA_GRAPH_PAD}" if self.cuda_graphs else None
-        return [self.precision, f"loss {self.cross_entropy}", *self.levers, *([graphs] if graphs else [])]
+        padded = [f"batch widths padded to multiples of {self.padded_to}"] if self.padded_to else []
+        return [self.precision, f"loss {self.cross_entropy}", *self.levers, *padded]
 
     # ---- the loop -------------------------------------------------------------------------------
     def make_optimizer(self):

@@ -267,16 +267,17 @@ def test_eval_rank_below_r_compiles_once_with_no_side_outputs():
     (under CUDA graphs a tensor created in one graph and kept outside would be freed or overwritten)."""
     from lorakit.config import recipe_from_dict
 
-    cfg = recipe_from_dict({"method": CFG}).method
-    layer = dylora.DyLoraLayer(torch.nn.Linear(12, 10), cfg).eval()
+    cfg = recipe_from_dict({"method": {**CFG, "r": 7}}).method  # r, b and shapes no other test uses
+    layer = dylora.DyLoraLayer(torch.nn.Linear(13, 11), cfg).eval()
     with torch.no_grad():
         layer.lora_B.weight.normal_()
-    layer.set_rank(2)
+    layer.set_rank(5)
     compiled, graphs = H.compile_recording(layer)
-    x = torch.randn(3, 12)
+    x = torch.randn(3, 13)
     with torch.no_grad():
         first, second = compiled(x), compiled(x)
         eager = layer(x)
     assert len(graphs["forward"]) == 1 and len(H.graph_outputs(graphs["forward"][0])) == 1
+    assert "arange" in graphs["forward"][0].code  # the mask is computed in the graph, not a captured constant
     torch.testing.assert_close(first, eager)
     torch.testing.assert_close(second, eager)

@@ -223,3 +223,15 @@ def test_compiled_dropout_branch_has_no_graph_break_and_saves_no_float_activatio
     full_width_float = [tuple(v.shape) for v in saved if v.shape[-1] == 24 and v.dtype.is_floating_point and v.ndim == 2
                         and v.shape[0] == 5]
     assert full_width_float == [] and any(v.dtype == torch.bool for v in saved), [(v.shape, v.dtype) for v in saved]
+
+
+def test_projection_computed_inside_bf16_autocast_is_fp32():
+    """A first forward under bf16 autocast (a custom loop without the trainer's before_step) still
+    computes P in fp32: pinv has no bf16 kernel."""
+    cfg = recipe_from_dict({"method": {**CFG, "r": 4, "gradient_projection": True}}).method
+    layer = LoraFaLayer(nn.Linear(24, 16).requires_grad_(False), cfg).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(5, 24)).float().pow(2).sum().backward()
+    assert layer.projection.dtype == torch.float32 and layer.lora_B.weight.grad is not None
+    A = layer.lora_A.weight.double()
+    torch.testing.assert_close(layer.projection.double(), torch.linalg.pinv(A @ A.T) / layer.scaling**2, rtol=1e-4, atol=1e-6)

@@ -1,7 +1,12 @@
-"""train.compile on CUDA (the default, ``auto`` → CUDA graphs): the same losses as eager for every
-method, with batches of changing width padded to multiples of 64, with gradient accumulation, with the
-default dropout, and DyLoRA evaluated at lower ranks after compiled training; no compiled piece may skip
-CUDA graphs. Skipped without CUDA (CI has none); run on a GPU with ``bash scripts/gpu_checks.sh``."""
+"""train.compile on CUDA (the default, ``auto`` → CUDA graphs) against eager, every method, with batches
+of changing width padded to multiples of 64, with gradient accumulation, with the default dropout, and
+DyLoRA evaluated at lower ranks after compiled training; no compiled piece may skip CUDA graphs.
+
+In fp32 compiled and eager differ only in summation order, so their losses must agree to 1% of what
+training moves the loss (each run is compared with the same run at learning rate 1e-12, which must differ
+by > 1e-3: an adapter that never updates, a stale gradient or a wrong projection fails). In bf16 (the
+default precision on CUDA) rounding differs between kernels, so those runs must agree to 25% of it.
+Skipped without CUDA (CI has none); run on a GPU with ``bash scripts/gpu_checks.sh``."""
 
 import pytest
 import torch
@@ -16,7 +21,8 @@ from tests.conftest import tiny_llama
 from tests.helpers import pad_collate, toy_data
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-STEPS, TOL = 8, 2e-2  # bf16 autocast: eager and compiled kernels round differently
+STEPS, LR, FROZEN = 8, 3e-2, 1e-12  # FROZEN: a learning rate that leaves the adapter as it is
+TOL = {"fp32": 1e-2, "bf16": 0.25}  # of the loss change training makes (module docstring)
 
 METHODS = {"lora": {}, "dora": {}, "vera": {"r": 16}, "lora_fa": {}, "dylora": {},
            "delta_lora": {"delta_start_step": 2}, "lora_plus": {"loraplus_lr_ratio": 4.0},
@@ -36,16 +42,17 @@ class Pad64:
         return {k: torch.nn.functional.pad(v, (0, extra), value=pads[k]) for k, v in batch.items()}
 
 
-def make_trainer(key: str, compile_choice, tmp_path, accumulation: int = 1, dropout: float = 0.0) -> Trainer:
+def make_trainer(key: str, compile_choice, tmp_path, accumulation: int = 1, dropout: float = 0.0,
+                 precision: str = "fp32", lr: float = LR) -> Trainer:
     name = key.split("+")[0]
     method = {"name": name, "r": 4, "lora_dropout": dropout, **METHODS[key]}
     if name != "vera":
         method["lora_alpha"] = 8
     recipe = recipe_from_dict({
         "method": method,
-        "train": {"learning_rate": 3e-3, "batch_size": 4, "max_steps": STEPS, "lr_scheduler": "constant",
-                  "compile": compile_choice, "gradient_accumulation_steps": accumulation},
-        "output_dir": str(tmp_path / f"{key}-{compile_choice}-{accumulation}-{dropout}"),
+        "train": {"learning_rate": lr, "batch_size": 4, "max_steps": STEPS, "lr_scheduler": "constant",
+                  "compile": compile_choice, "gradient_accumulation_steps": accumulation, "precision": precision},
+        "output_dir": str(tmp_path / f"{key}-{compile_choice}-{accumulation}-{dropout}-{precision}-{lr}"),
     })
     torch.manual_seed(0)
     model = tiny_llama()
@@ -60,9 +67,10 @@ def make_trainer(key: str, compile_choice, tmp_path, accumulation: int = 1, drop
     return Trainer(model, None, m, data, recipe, torch.device("cuda"), Console(quiet=True))
 
 
-def losses(key: str, compile_choice, tmp_path, accumulation: int = 1, dropout: float = 0.0):
+def losses(key: str, compile_choice, tmp_path, accumulation: int = 1, dropout: float = 0.0,
+           precision: str = "fp32", lr: float = LR):
     """(first STEPS losses, trainer) of ``key`` trained with ``train.compile: compile_choice``."""
-    trainer = make_trainer(key, compile_choice, tmp_path, accumulation, dropout)
+    trainer = make_trainer(key, compile_choice, tmp_path, accumulation, dropout, precision, lr)
     optimizer, scheduler = trainer.make_optimizer()
     torch.manual_seed(1)
     out = [trainer.optimizer_step([trainer.micro[k * accumulation + i] for i in range(accumulation)], optimizer, scheduler)
@@ -70,8 +78,12 @@ def losses(key: str, compile_choice, tmp_path, accumulation: int = 1, dropout: f
     return [s.read()[0] for s in out], trainer
 
 
-def worst(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+def check_tracks(compiled: list[float], eager: list[float], frozen: list[float], tol: float, what: str) -> None:
+    """compiled and eager agree to ``tol`` of the largest loss change training made (eager vs frozen)."""
+    moved = max(abs(e - f) for e, f in zip(eager, frozen))
+    gap = max(abs(c - e) for c, e in zip(compiled, eager))
+    assert moved > 1e-3, f"{what}: training barely moved the loss ({moved:.2e}); the check would be vacuous"
+    assert gap < tol * moved, f"{what}: compiled {compiled} vs eager {eager} (frozen {frozen})"
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +99,17 @@ def test_cuda_graph_default_matches_eager(tmp_path, key):
     compiled, trainer = losses(key, "auto", tmp_path)
     assert trainer.cuda_graphs, trainer.levers
     eager, _ = losses(key, False, tmp_path)
-    assert len(set(eager)) > 1  # the adapter moves (DyLoRA barely lowers the loss in 8 steps)
-    assert worst(compiled, eager) < TOL, f"{key}: compiled {compiled} vs eager {eager}"
+    frozen, _ = losses(key, False, tmp_path, lr=FROZEN)
+    check_tracks(compiled, eager, frozen, TOL["fp32"], key)
+
+
+@pytest.mark.parametrize("key", ["lora", "dora", "vera", "lora_fa+projection", "dylora"])
+def test_cuda_graph_default_matches_eager_in_bf16(tmp_path, key):
+    compiled, trainer = losses(key, "auto", tmp_path, precision="bf16")
+    assert trainer.cuda_graphs and trainer.precision == "bf16"
+    eager, _ = losses(key, False, tmp_path, precision="bf16")
+    frozen, _ = losses(key, False, tmp_path, precision="bf16", lr=FROZEN)
+    check_tracks(compiled, eager, frozen, TOL["bf16"], key)
 
 
 @pytest.mark.parametrize("choice", ["auto", "cudagraphs"])
@@ -98,26 +119,31 @@ def test_gradient_accumulation_under_compile_matches_eager(tmp_path, choice):
     compiled, trainer = losses("lora", choice, tmp_path, accumulation=2)
     assert trainer.cuda_graphs == (choice == "cudagraphs") and trainer.levers, trainer.levers
     eager, _ = losses("lora", False, tmp_path, accumulation=2)
-    assert worst(compiled, eager) < TOL, f"compiled {compiled} vs eager {eager}"
+    frozen, _ = losses("lora", False, tmp_path, accumulation=2, lr=FROZEN)
+    check_tracks(compiled, eager, frozen, TOL["fp32"], choice)
 
 
 @pytest.mark.parametrize("key", ["lora", "dora", "lora_fa", "vera"])
 def test_default_dropout_under_cuda_graphs(tmp_path, key):
-    """lora_dropout 0.05 (the recipes' default): the masks differ from eager's, so only closeness."""
+    """lora_dropout 0.05 (the recipes' default): compiled and eager draw different masks, so the runs
+    must only move the loss alike: each at least half as far from the frozen run as the other."""
     compiled, trainer = losses(key, "auto", tmp_path, dropout=0.05)
     assert trainer.cuda_graphs
     eager, _ = losses(key, False, tmp_path, dropout=0.05)
-    assert all(torch.isfinite(torch.tensor(compiled))) and len(set(compiled)) > 1
-    assert worst(compiled, eager) < 5e-2, f"{key}: compiled {compiled} vs eager {eager}"
+    frozen, _ = losses(key, False, tmp_path, dropout=0.05, lr=FROZEN)
+    moved = [max(abs(a - f) for a, f in zip(run, frozen)) for run in (compiled, eager)]
+    assert all(torch.isfinite(torch.tensor(compiled))) and min(moved) > 0.5 * max(moved) > 5e-4, (key, moved)
 
 
 def test_dylora_ranks_evaluated_after_compiled_training(tmp_path):
-    """Evaluation at ranks below r through the compiled layers equals the same weights evaluated eagerly."""
+    """Evaluation at ranks below r through the compiled layers equals the same weights evaluated
+    eagerly, to 1% of the spread between the ranks."""
     _, trainer = losses("dylora", "auto", tmp_path)
     compiled = trainer.evaluate(ranks="1,2,4")
     eager_trainer = make_trainer("dylora", False, tmp_path)
     eager_trainer.model.load_state_dict(trainer.model.state_dict())
     eager = eager_trainer.evaluate(ranks="1,2,4")
-    for b in (1, 2, 4):
-        assert compiled[f"rank_{b}"]["eval_loss"] == pytest.approx(eager[f"rank_{b}"]["eval_loss"], rel=TOL)
-    assert len({round(eager[f"rank_{b}"]["eval_loss"], 6) for b in (1, 2, 4)}) == 3
+    by_rank = {b: (compiled[f"rank_{b}"]["eval_loss"], eager[f"rank_{b}"]["eval_loss"]) for b in (1, 2, 4)}
+    spread = max(e for _, e in by_rank.values()) - min(e for _, e in by_rank.values())
+    assert spread > 1e-4, by_rank
+    assert all(abs(c - e) < 1e-2 * spread for c, e in by_rank.values()), by_rank
