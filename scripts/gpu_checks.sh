@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU-only test in one command, for a machine with CUDA (CI has none, so these skip there):
 #   tests/train/test_compiled_gpu.py  the default compile (CUDA graphs) vs eager for every method, batch
-#                                     widths padded to 64, gradient accumulation
+#                                     widths padded to 64, gradient accumulation, dropout, QLoRA (needs
+#                                     bitsandbytes; skipped without it)
 #   tests/test_cli_gpu.py             lorakit train / --resume / eval / merge end to end under the default
 #                                     compile, on variable-length data, against the same run uncompiled
 #   tests/fast/test_ops.py            DoRA's Triton kernels
