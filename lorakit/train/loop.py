@@ -200,7 +200,7 @@ class Trainer:
     def speed_summary(self) -> list[str]:
         """What this run computes with, for one line at the start of training (docs/benchmarks.md)."""
         padded = [f"batch widths padded to multiples of {self.padded_to}"] if self.padded_to else []
-        return [self.precision, f"loss {self.cross_entropy}", *self.levers, *padded]
+        return [f"precision {self.precision}", f"loss {self.cross_entropy}", *self.levers, *padded]
 
     # ---- the loop -------------------------------------------------------------------------------
     def make_optimizer(self):

@@ -91,8 +91,8 @@ def test_evaluation_alone_does_not_compile(tmp_path):
     """``lorakit eval`` builds its Trainer with allow_compile=False: one pass is not worth a compile."""
     compiled = make_trainer(tmp_path, "a", train={"compile": True})
     assert compiled.levers == ["compile×2"] and not compiled.cuda_graphs
-    assert compiled.speed_summary() == ["fp32", "loss chunked", "compile×2"]
+    assert compiled.speed_summary() == ["precision fp32", "loss chunked", "compile×2"]
     t = make_trainer(tmp_path, "b")
     plain = Trainer(tiny_llama(), None, t.method, t.data, t.recipe.model_copy(update={"train": compiled.recipe.train}),
                     torch.device("cpu"), Console(quiet=True), allow_compile=False)
-    assert plain.levers == [] and plain.speed_summary() == ["fp32", "loss chunked"]
+    assert plain.levers == [] and plain.speed_summary() == ["precision fp32", "loss chunked"]
