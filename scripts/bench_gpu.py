@@ -526,7 +526,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench_gpu.json")
     ap.add_argument("--profile", nargs="*", metavar="SHAPE:METHOD", help="profile these and exit")
     ap.add_argument("--lever-runs", nargs="*", metavar="SHAPE:METHOD:KEY=VALUE,...",
-                    help="extra lorakit runs with train overrides, e.g. qwen2.5-0.5b:lora:compile=true")
+                    help="extra lorakit runs with train (and method.) overrides, e.g. "
+                         "qwen2.5-0.5b:lora:compile=true or qwen2.5-0.5b:lora_fa:method.lora_dropout=0.05")
     ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"))
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge the rows of several runs into --out")
     args = ap.parse_args()
@@ -573,14 +574,17 @@ def main() -> None:
                 free()
         for spec in args.lever_runs or []:
             shape, name, kv = spec.split(":")
-            train = {k: json.loads(v) if v in ("true", "false") else v for k, v in (p.split("=") for p in kv.split(","))}
+            fields = {k: json.loads(v) if v in ("true", "false") else v for k, v in (p.split("=") for p in kv.split(","))}
+            method = {k.removeprefix("method."): v for k, v in fields.items() if k.startswith("method.")}
+            train = {k: v for k, v in fields.items() if not k.startswith("method.")}
             mode = train.pop("compile_mode", None)  # e.g. reduce-overhead (CUDA graphs); not a recipe field
             vocab = 49152 if shape == "smollm2" else SHAPES[shape]["vocab_size"]
             t0 = time.perf_counter()
             try:
                 with compile_mode(mode):
-                    row = run_one(args, shape, f"{name} {train}" + (f" mode={mode}" if mode else ""),
-                                  lambda b: lorakit_setup(shape, name, device, b, train=train), device, vocab)
+                    row = run_one(args, shape, f"{name} {fields}" + (f" mode={mode}" if mode else ""),
+                                  lambda b: lorakit_setup(shape, name, device, b, train=train, method=method or None),
+                                  device, vocab)
             except Exception as err:
                 traceback.print_exc()
                 row = {"shape": shape, "method": name, "error": str(err)}
