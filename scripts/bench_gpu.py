@@ -162,6 +162,7 @@ def lorakit_setup(shape, name, device, batch, train=None, method=None, grad_ckpt
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    model.train()  # as Trainer.train does (load_model gives eval mode: no dropout, DyLoRA at rank r)
     trainer = Trainer(model, None, adapter, FakeData(batch), recipe, device, Console(quiet=True))
     optimizer, scheduler = trainer.make_optimizer()
     levers = trainer.speed_summary()

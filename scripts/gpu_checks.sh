@@ -6,7 +6,7 @@
 #   tests/test_cli_gpu.py             lorakit train / --resume / eval / merge end to end under the default
 #                                     compile, on variable-length data, against the same run uncompiled
 #   tests/fast/test_ops.py            DoRA's Triton kernels
-# Usage, from the repository root:  bash scripts/gpu_checks.sh [extra pytest arguments]
+# Usage, from the repository root:  bash scripts/gpu_checks.sh [pytest arguments, default: tests]
 # Packages missing on the machine can sit as wheels in .whl/ (installed into /tmp/site first): lorakit's
 # own needs that the machine lacks (pydantic, datasets, dill, multiprocess, ...) and liger-kernel
 # (SKIP_WHEELS=1 skips that).
@@ -26,4 +26,6 @@ for name in ("torch", "transformers", "datasets", "pyarrow", "liger_kernel", "bi
     except Exception as err:  # report, let the tests say what fails
         print(f"  {name}: {type(err).__name__}: {err}")
 PY
-python3 -m pytest -q -m gpu -p no:cacheprovider tests "$@"
+# four workers: the tests are mostly compile time (CPU); arguments replace the default selection,
+# e.g. `bash scripts/gpu_checks.sh tests/test_cli_gpu.py` to stay within one call's time limit
+python3 -m pytest -q -m gpu -p no:cacheprovider -n 4 "${@:-tests}"

@@ -256,3 +256,24 @@ def test_cli_merge_onto_option(run, tmp_path):
     assert ok.exit_code == 0, ok.output
     text = " ".join(ok.output.split())
     assert "onto the original weights" in text and "largest |logit difference| vs the adapter model" in text
+
+
+def test_compiled_layer_saves_packed_weights_not_dequantized_ones(folder):
+    """Under torch.compile (opt-in over a k-bit base) a decoder layer keeps for backward only the packed
+    4-bit weights and their statistics; W0 is dequantized again inside the backward graph
+    (docs/benchmarks.md: QLoRA's compiled memory)."""
+    from lorakit.fast.kernels import decoder_layers
+    from tests.methods.harness import compile_recording, graph_outputs
+
+    model, _ = attach(folder)
+    model.train()
+    layers = decoder_layers(model)
+    shapes = {s for m in layers[0].modules() if type(m).__name__ == "Linear4bit"
+              for s in ((m.out_features, m.in_features), (m.in_features, m.out_features))}  # W0 or W0ᵀ
+    layers[0], graphs = compile_recording(layers[0])
+    inputs = tiny_inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    saved = [v for v in graph_outputs(graphs["forward"][0])[1:] if isinstance(v, torch.Tensor)]
+    assert shapes and not [v.shape for v in saved if v.dtype.is_floating_point and tuple(v.shape) in shapes]
+    assert any(v.dtype == torch.uint8 for v in saved)
+    assert any("dequantize" in gm.code for gm in graphs["backward"])

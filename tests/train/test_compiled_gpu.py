@@ -1,5 +1,6 @@
 """train.compile on CUDA (the default, ``auto`` → CUDA graphs) against eager, every method, with batches
-of changing width padded to multiples of 64, with gradient accumulation, with the default dropout, and
+padded to a multiple of 64 (toy rows of 6–12 tokens: one width; tests/test_cli_gpu.py varies it), with
+gradient accumulation, with the default dropout, and
 DyLoRA evaluated at lower ranks after compiled training, and QLoRA (NF4 base, opt-in
 ``train.compile: cudagraphs``); no compiled piece may skip CUDA graphs.
 
@@ -76,6 +77,7 @@ def make_trainer(key: str, compile_choice, tmp_path, accumulation: int = 1, drop
     if name == "lora_drop":  # a made-up selection: layer 0 keeps its pairs, layer 1 shares one per shape
         kept = [n for n in m.layers if ".0." in n]
         m.apply_selection({"kept": kept, "shared_groups": shape_groups(m.layers, kept)})
+    model.train()  # as Trainer.train does (tiny_llama and from_pretrained give eval mode: no dropout)
     data = toy_data()
     data.collate = Pad64()
     return Trainer(model, None, m, data, recipe, DEVICE, Console(quiet=True))
@@ -139,14 +141,16 @@ def test_gradient_accumulation_under_compile_matches_eager(tmp_path, choice):
 
 @pytest.mark.parametrize("key", ["lora", "dora", "lora_fa", "vera"])
 def test_default_dropout_under_cuda_graphs(tmp_path, key):
-    """lora_dropout 0.05 (the recipes' default): compiled and eager draw different masks, so the runs
-    must only move the loss alike: each at least half as far from the frozen run as the other."""
+    """lora_dropout 0.05 (the recipes' default): compiled and eager draw different masks, and on this tiny
+    model the masks alone move single losses by ±0.03, so only the trend is compared: over the last 4
+    steps the compiled run must lower the loss below the frozen run's by at least 0.4× what eager does
+    (LoRA-FA on CPU, 6 seeds each: eager 0.06–0.09, compiled 0.05–0.09; VeRA moves ~0.02)."""
     compiled, trainer = losses(key, "auto", tmp_path, dropout=0.05)
     assert trainer.cuda_graphs
     eager, _ = losses(key, False, tmp_path, dropout=0.05)
     frozen, _ = losses(key, False, tmp_path, dropout=0.05, lr=FROZEN)
-    moved = [max(abs(a - f) for a, f in zip(run, frozen)) for run in (compiled, eager)]
-    assert all(torch.isfinite(torch.tensor(compiled))) and min(moved) > 0.5 * max(moved) > 5e-4, (key, moved)
+    drop = [sum(frozen[-4:]) / 4 - sum(run[-4:]) / 4 for run in (compiled, eager)]
+    assert all(torch.isfinite(torch.tensor(compiled))) and drop[1] > 0.01 and drop[0] > 0.4 * drop[1], (key, drop)
 
 
 def test_dylora_ranks_evaluated_after_compiled_training(tmp_path):
