@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lorakit.precision import autocast  # noqa: F401  (train.precision; re-exported for the callers)
+from lorakit.precision import autocast
 
 
 def eager_only():

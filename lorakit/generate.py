@@ -21,7 +21,7 @@ from rich.console import Console
 from transformers import TextStreamer
 
 from lorakit.errors import LorakitError
-from lorakit.evaluate import autocast
+from lorakit.precision import autocast
 
 EXIT_COMMANDS = ("/exit", "/quit")
 

@@ -16,9 +16,9 @@ import torch
 from rich.console import Console
 
 from lorakit.errors import LorakitError
-from lorakit.evaluate import autocast, to_device
+from lorakit.evaluate import to_device
 from lorakit.models import model_device
-from lorakit.precision import cpu_check_overrides, recipe_precision
+from lorakit.precision import autocast, cpu_check_overrides, recipe_precision
 from lorakit.quant import dequantize_model, is_quantized_model
 from lorakit.session import load_checkpoint_session
 from lorakit.train import checkpoint as ckpt

@@ -10,8 +10,8 @@ fp32 adapter weights). QLoRA: both over the same NF4 (double-quant, bf16 compute
 with bitsandbytes; PEFT's model is not passed through ``prepare_model_for_kbit_training`` (it would
 cast the whole model to fp32).
 CPU (``--device cpu``): the real SmolLM2-135M-Instruct (``lorakit.models.load_model``), batch 2 × 128;
-lorakit at its default ``train.precision`` (auto: a bf16 base + bf16 autocast on CPUs with native bf16,
-else fp32), PEFT in fp32 (its default; ``peft-lora [autocast bf16]`` loads the base in bf16).
+lorakit at its default ``train.precision`` (auto: fp32 on CPU; ``--lever-runs smollm2:lora:precision=bf16``
+for the opt-in bf16 path), PEFT in fp32 (its default; ``peft-lora [autocast bf16]`` loads the base in bf16).
 
 FLOPs per token (MFU column): 4·N_frozen (forward 2·N plus input gradients 2·N; frozen weights get no
 weight gradient; N counts every frozen matmul weight incl. the LM head) + attention 3·(2·T·d_q·L)
@@ -69,6 +69,10 @@ PAIR = {"lora": "peft-lora", "dora": "peft-dora", "qlora": "peft-qlora", "vera":
 
 
 # ---- models -------------------------------------------------------------------------------------
+def vocab_of(shape: str) -> int:
+    return 49152 if shape == "smollm2" else SHAPES[shape]["vocab_size"]  # smollm2: the real model (CPU)
+
+
 def build_model(shape: str, device: torch.device, quantized: bool = False, precision: str = "auto"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -495,20 +499,6 @@ def no_fused_adapters():
         lora.can_fuse, dora.can_fuse = saved
 
 
-@contextlib.contextmanager
-def compile_mode(mode):
-    """``nn.Module.compile`` with ``mode`` (e.g. ``reduce-overhead``) while the block runs."""
-    if mode is None:
-        yield
-        return
-    saved = nn.Module.compile
-    nn.Module.compile = lambda self, *a, **k: saved(self, *a, **{**k, "mode": mode})
-    try:
-        yield
-    finally:
-        nn.Module.compile = saved
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -566,7 +556,7 @@ def main() -> None:
         out_dir = os.path.dirname(os.path.abspath(args.out))
         for spec in args.profile or []:
             shape, name = spec.split(":")
-            vocab = 49152 if shape == "smollm2" else SHAPES[shape]["vocab_size"]
+            vocab = vocab_of(shape)
             fn = peft_setup if name.startswith("peft") else lorakit_setup
             try:
                 profile_steps(args, shape, name, lambda b: fn(shape, name, device, b), device, vocab, out_dir)
@@ -578,14 +568,11 @@ def main() -> None:
             fields = {k: json.loads(v) if v in ("true", "false") else v for k, v in (p.split("=") for p in kv.split(","))}
             method = {k.removeprefix("method."): v for k, v in fields.items() if k.startswith("method.")}
             train = {k: v for k, v in fields.items() if not k.startswith("method.")}
-            mode = train.pop("compile_mode", None)  # e.g. reduce-overhead (CUDA graphs); not a recipe field
-            vocab = 49152 if shape == "smollm2" else SHAPES[shape]["vocab_size"]
             t0 = time.perf_counter()
             try:
-                with compile_mode(mode):
-                    row = run_one(args, shape, f"{name} {fields}" + (f" mode={mode}" if mode else ""),
-                                  lambda b: lorakit_setup(shape, name, device, b, train=train, method=method or None),
-                                  device, vocab)
+                row = run_one(args, shape, f"{name} {fields}",
+                              lambda b: lorakit_setup(shape, name, device, b, train=train, method=method or None),
+                              device, vocab_of(shape))
             except Exception as err:
                 traceback.print_exc()
                 row = {"shape": shape, "method": name, "error": str(err)}
@@ -602,7 +589,7 @@ def main() -> None:
         return
 
     def record(shape, label, setup, ctx=contextlib.nullcontext):
-        vocab = 49152 if shape == "smollm2" else SHAPES[shape]["vocab_size"]
+        vocab = vocab_of(shape)
         try:
             with ctx():
                 row = run_one(args, shape, label, setup, device, vocab)
@@ -629,7 +616,7 @@ def main() -> None:
                     continue
                 record(shape, name + suffix, lambda b, s=shape, n=name, t=train: lorakit_setup(s, n, device, b, train=t))
     shape = shapes[0]
-    vocab = 49152 if shape == "smollm2" else SHAPES[shape]["vocab_size"]
+    vocab = vocab_of(shape)
     levers = [
         ("lora [cross_entropy=full]", dict(train={"cross_entropy": "full"})),
         ("lora [cross_entropy=chunked]", dict(train={"cross_entropy": "chunked"})),

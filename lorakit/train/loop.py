@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lorakit.config import recipe_to_dict
-from lorakit.evaluate import autocast, evaluate_model, to_device, without_causal_padding_mask
+from lorakit.evaluate import evaluate_model, to_device, without_causal_padding_mask
 from lorakit.fast import accelerate, causal_lm_loss, resolve_cross_entropy
 from lorakit.fast.kernels import compile_mode, decoder_layers
-from lorakit.precision import recipe_precision
+from lorakit.precision import autocast, recipe_precision
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.stats import StepStats, skips_nonfinite_on_device
