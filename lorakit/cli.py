@@ -202,6 +202,21 @@ def chat(
         _fail(err)
 
 
+@app.command("recipe")
+def recipe_cmd(
+    method: str = typer.Option("lora", "--method", "-m", help="Write the recipe for this method (its own fields included)."),
+    as_markdown: bool = typer.Option(False, "--markdown", help="Print the reference of every field as Markdown tables instead."),
+) -> None:
+    """Print a complete default recipe, every field commented with its type, allowed values and meaning."""
+    try:
+        from lorakit import reference
+
+        text = reference.markdown() if as_markdown else reference.commented_recipe(method)
+    except LorakitError as err:
+        _fail(err)
+    typer.echo(text, nl=False)
+
+
 @app.command("list-methods")
 def list_methods(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """The registered adapter methods."""

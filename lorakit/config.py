@@ -23,13 +23,17 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name_or_path: str = "smollm2-135m-instruct"
-    task: Literal["causal_lm", "seq_cls"] = "causal_lm"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
-    quantization: Literal["nf4", "fp4", "int8"] | None = None
-    gradient_checkpointing: bool = False
-    adapter: str | None = None
+    name_or_path: str = Field("smollm2-135m-instruct", description=
+        "built-in name (smollm2-135m-instruct, all-minilm-l6-v2), a local model folder, or a hub id")
+    task: Literal["causal_lm", "seq_cls"] = Field("causal_lm", description=
+        "causal_lm: next-token loss; seq_cls: a classification head (num_labels comes from the data)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=
+        "weights of the frozen base; auto follows train.precision (bf16 or fp32)")
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model folder (only for models you trust)")
+    quantization: Literal["nf4", "fp4", "int8"] | None = Field(None, description=
+        "a bitsandbytes 4/8-bit frozen base under any method (QLoRA); null: none")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    adapter: str | None = Field(None, description="a PEFT LoRA/DoRA folder whose weights the run starts from")
 
 
 PEER_ALIASES = {"lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
@@ -38,14 +42,17 @@ PEER_ALIASES = {"lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 class MethodConfig(Section):
     """Fields every method accepts. Methods subclass this for their own fields."""
 
-    name: str = "lora"
-    r: int = Field(8, gt=0)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
-    use_rslora: bool = False
-    loraplus_lr_ratio: float | None = Field(None, gt=0)
-    loraplus_lr_embedding: float = Field(1e-6, gt=0)
+    name: str = Field("lora", description="the adapter method (lorakit list-methods)")
+    r: int = Field(8, gt=0, description="rank of the update BA (alias lora_r)")
+    lora_alpha: float = Field(16.0, gt=0, description="scaling = lora_alpha / r (alias alpha)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter branch's input only (alias dropout)")
+    target_modules: list[str] | str = Field("all-linear", description=
+        "module names (e.g. [q_proj, v_proj]), one regex string matched against full names, or all-linear "
+        "(every linear layer but the output head)")
+    use_rslora: bool = Field(False, description="scaling = lora_alpha / sqrt(r) (Kalajdzievski 2023)")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description=
+        "LoRA+ on any A/B method: lr of lora_B = ratio × learning_rate (Hayou et al. 2024); null: off")
+    loraplus_lr_embedding: float = Field(1e-6, gt=0, description="LoRA+: learning rate of embedding adapters")
 
     @model_validator(mode="before")
     @classmethod
@@ -65,48 +72,59 @@ class MethodConfig(Section):
 
 
 class DataConfig(Section):
-    source: str = "chatterbot"
-    format: Literal["auto", "text", "instruction", "chat", "classification"] = "auto"
-    split: str = "train"
-    text_field: str = "text"
-    label_field: str = "label"
-    messages_field: str = "messages"
-    max_seq_length: int = Field(512, gt=0)
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
-    eval_max_examples: int | None = Field(None, gt=0)
-    max_examples: int | None = Field(None, gt=0)
-    packing: bool = False
+    source: str = Field("chatterbot", description=
+        "built-in (chatterbot, bbc-news, bbc-news-text), a local json/jsonl/csv/tsv/parquet/txt file or folder, "
+        "or a hub id")
+    format: Literal["auto", "text", "instruction", "chat", "classification"] = Field("auto", description=
+        "text: loss on every token; instruction: Alpaca columns instruction, input (optional), output, loss on "
+        "output only; chat: role/content message lists through the chat template, loss on assistant turns only; "
+        "classification: text + label; auto: picked from the columns")
+    split: str = Field("train", description="split of a hub data set to read")
+    text_field: str = Field("text", description="column holding the text (text and classification formats)")
+    label_field: str = Field("label", description="column holding the class (names or integers 0..n-1)")
+    messages_field: str = Field("messages", description="column holding the message lists (chat format)")
+    max_seq_length: int = Field(512, gt=0, description="tokens per example; longer ones are truncated")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share (stratified for classification)")
+    eval_max_examples: int | None = Field(None, gt=0, description="cap on held-out examples; null: no cap")
+    max_examples: int | None = Field(None, gt=0, description="cap on training examples; null: no cap")
+    packing: bool = Field(False, description="pack short examples into full rows (no attention across examples)")
 
 
 class TrainConfig(Section):
-    learning_rate: float = Field(2e-4, gt=0)
-    batch_size: int = Field(8, gt=0)
-    eval_batch_size: int | None = Field(None, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    num_epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, ge=0)  # null or 0: no clipping (as in transformers)
+    learning_rate: float = Field(2e-4, gt=0, description="peak AdamW learning rate")
+    batch_size: int = Field(8, gt=0, description="examples per micro-batch")
+    eval_batch_size: int | None = Field(None, gt=0, description="examples per evaluation batch; null: batch_size")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    num_epochs: float = Field(1.0, gt=0, description="passes over the training data (max_steps wins when set)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps in all; null: from num_epochs")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the steps with a linear warmup from 0")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(1.0, ge=0, description="clip the gradient norm; null or 0: no clipping")
 
     @field_validator("max_grad_norm")
     @classmethod
     def _zero_means_off(cls, value: float | None) -> float | None:
         return value or None
-    seed: int = 42
-    eval_every: int | None = Field(None, gt=0)
-    save_every: int | None = Field(None, gt=0)
-    log_every: int = Field(1, gt=0)
-    num_samples: int = Field(3, ge=0)
+    seed: int = Field(42, description="seeds the data order, the adapter's initialization and dropout")
+    eval_every: int | None = Field(None, gt=0, description="evaluate every this many steps; null: only before and after")
+    save_every: int | None = Field(None, gt=0, description="checkpoint every this many steps; one is always written at the end")
+    log_every: int = Field(1, gt=0, description="write a metrics.jsonl record every this many steps")
+    num_samples: int = Field(3, ge=0, description=
+        "held-out prompts answered before and after training (causal_lm); 0: none")
     # compute precision (lorakit.precision): bf16 = bf16 base + bf16 autocast, fp32 adapter weights;
     # auto = bf16 on CUDA, fp32 on CPU (bf16 on CPU is opt-in: its losses drift past 1e-2 on real models)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description=
+        "bf16: bf16 base + autocast, fp32 adapter weights; auto: bf16 on GPU, fp32 on CPU")
     # speed levers (lorakit.fast; docs/benchmarks.md): causal-LM loss without full logits, fused kernels
-    cross_entropy: Literal["auto", "chunked", "liger", "full"] = "auto"
-    kernels: Literal["auto", "liger", "none"] = "auto"
+    cross_entropy: Literal["auto", "chunked", "liger", "full"] = Field("auto", description=
+        "causal-LM loss: chunked (no full-vocabulary logits), liger (fused, CUDA), full; docs/benchmarks.md")
+    kernels: Literal["auto", "liger", "none"] = Field("auto", description=
+        "fused RMSNorm / SwiGLU kernels (liger, CUDA); auto: liger when installed on CUDA")
     # compile: auto = cudagraphs on CUDA unless the base is quantized; cudagraphs = compile + CUDA graphs
-    compile: Literal["auto", "cudagraphs"] | bool = "auto"
+    compile: Literal["auto", "cudagraphs"] | bool = Field("auto", description=
+        "auto: on GPU, decoder layers compiled and replayed as CUDA graphs (plain compile with accumulation; "
+        "none over a 4/8-bit base or with gradient_checkpointing); cudagraphs; true: plain torch.compile; false")
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -116,7 +134,8 @@ class TrainConfig(Section):
         if isinstance(value, bool) or value in ("auto", "cudagraphs"):
             return value
         raise ValueError("expected auto, cudagraphs, true or false")
-    optimizer: Literal["auto", "adamw", "paged_adamw"] = "auto"  # auto: paged AdamW over a k-bit base on CUDA
+    optimizer: Literal["auto", "adamw", "paged_adamw"] = Field("auto", description=
+        "auto: paged AdamW (bitsandbytes) over a 4/8-bit base on CUDA, else AdamW")
 
 
 class Recipe(Section):
@@ -124,7 +143,8 @@ class Recipe(Section):
     method: MethodConfig = MethodConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
-    output_dir: str = "runs/default"
+    output_dir: str = Field("runs/default", description=
+        "the run folder: metrics.jsonl, summary.json, checkpoints/, final/")
 
     @field_validator("method", mode="before")
     @classmethod

@@ -50,8 +50,8 @@ class DeltaLoraConfig(MethodConfig):
 
     name: str = "delta_lora"
     lora_dropout: float = 0.0
-    delta_lambda: float = Field(2.0, gt=0)
-    delta_start_step: int = Field(500, ge=0)
+    delta_lambda: float = Field(2.0, gt=0, description="λ: W moves by λ·s·Δ(BA) after each step (§3)")
+    delta_start_step: int = Field(500, ge=0, description="K: steps of plain LoRA before W starts to follow (§3)")
 
     @field_validator("lora_dropout")
     @classmethod

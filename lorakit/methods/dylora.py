@@ -33,6 +33,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from lorakit.config import MethodConfig
@@ -62,7 +63,8 @@ class DyLoraConfig(MethodConfig):
     """LoRA's fields (``r`` is r_max) plus ``update``: ``frozen`` (only rank b learns) or ``all``."""
 
     name: str = "dylora"
-    update: Literal["frozen", "all"] = "frozen"
+    update: Literal["frozen", "all"] = Field("frozen", description=
+        "frozen: only row/column b of the drawn rank b learns (§3); all: rows 1..b learn")
 
 
 class DyLoraLayer(LoraLayer):

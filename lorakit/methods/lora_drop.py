@@ -45,11 +45,11 @@ SELECTION_FILE = "lora_drop_selection.json"
 
 
 class LoraDropConfig(MethodConfig):
-    sample_fraction: float = Field(0.1, gt=0, le=1)
-    threshold: float = Field(0.9, gt=0, le=1)
-    reinit: bool = True
-    selection_epochs: int = Field(1, ge=0)
-    selection_batch_size: int | None = Field(None, gt=0)
+    sample_fraction: float = Field(0.1, gt=0, le=1, description="share of the training data the selection pass sees")
+    threshold: float = Field(0.9, gt=0, le=1, description="keep the most important modules until their summed importance reaches this share (§3)")
+    reinit: bool = Field(True, description="after selection, re-initialize the kept pairs and restore the head (else kept pairs keep their training)")
+    selection_epochs: int = Field(1, ge=0, description="epochs of plain LoRA over the sample before selecting")
+    selection_batch_size: int | None = Field(None, gt=0, description="batch size of the selection pass; null: train.batch_size")
 
 
 def _fresh_pair(layer: LoraLayer) -> tuple[nn.Linear, nn.Linear]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from lorakit.config import MethodConfig
@@ -42,7 +43,7 @@ class LoraFaConfig(MethodConfig):
     """LoRA's fields plus ``gradient_projection`` (g_B ← g_B (AAᵀ)⁻¹ / s², default off)."""
 
     name: str = "lora_fa"
-    gradient_projection: bool = False
+    gradient_projection: bool = Field(False, description="project B's gradient: g_B ← g_B (AAᵀ)⁻¹ / s² (as PEFT's LoRA-FA)")
 
 
 def dropout_mask(shape, dtype, device, p: float, seed: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ class LoraPlusConfig(MethodConfig):
     """LoRA's fields; ``loraplus_lr_ratio`` (λ = lr_B / lr_A) defaults to 16 and cannot be null."""
 
     name: str = "lora_plus"
-    loraplus_lr_ratio: float = Field(16.0, gt=0)
+    loraplus_lr_ratio: float = Field(16.0, gt=0, description="λ: lr of lora_B = λ × learning_rate (the paper recommends ≈ 2⁴ for LLMs)")
 
     @field_validator("loraplus_lr_ratio", mode="before")
     @classmethod

@@ -42,10 +42,10 @@ from lorakit.methods.lora import adapter_input
 
 
 class VeraConfig(MethodConfig):
-    r: int = Field(256, gt=0)
-    projection_prng_key: int = 0
-    save_projection: bool = True
-    d_initial: float = 0.1
+    r: int = Field(256, gt=0, description="rank of the shared random projections A, B")
+    projection_prng_key: int = Field(0, description="seed of the frozen shared projections")
+    save_projection: bool = Field(True, description="store the projections with the adapter (else rebuilt from the seed)")
+    d_initial: float = Field(0.1, description="initial value of the vector vera_lambda_d (§3.1)")
 
     @model_validator(mode="after")
     def _no_alpha_scaling(self) -> "VeraConfig":
