@@ -136,6 +136,17 @@ class TrainConfig(Section):
         raise ValueError("expected auto, cudagraphs, true or false")
     optimizer: Literal["auto", "adamw", "paged_adamw"] = Field("auto", description=
         "auto: paged AdamW (bitsandbytes) over a 4/8-bit base on CUDA, else AdamW")
+    report_to: list[Literal["tensorboard", "trackio", "wandb", "mlflow"]] = Field([], description=
+        "trackers fed the metrics.jsonl records and the recipe (each an extra: pip install 'lorakit[NAME]')")
+    project: str = Field("lorakit", description="project (trackio, wandb) or experiment (mlflow) of the tracked run")
+    run_name: str | None = Field(None, description="name of the tracked run; null: the output_dir folder's name")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
 
 
 class Recipe(Section):

@@ -16,7 +16,7 @@ BEGIN, END = "<!-- BEGIN lorakit recipe --markdown -->\n", "<!-- END lorakit rec
 def test_readme_reference_is_the_generated_one():
     text = README.read_text()
     shown = text[text.index(BEGIN) + len(BEGIN): text.index(END)]
-    assert shown == reference.markdown(), "README's recipe reference drifted: paste `lorakit recipe --markdown`"
+    assert shown == reference.markdown(), "README recipe reference drifted: run python scripts/readme_reference.py"
 
 
 @pytest.mark.parametrize("section", reference.SECTIONS)

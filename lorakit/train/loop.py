@@ -141,6 +141,9 @@ class Trainer:
         self.levers = accelerate(model, cfg, device, mode)  # lorakit.fast
         self.cuda_graphs = mode == "reduce-overhead" and decoder_layers(model) is not None
         self.padded_to = None  # batch widths rounded up to a multiple of this (CUDA graphs)
+        # called with each metrics.jsonl record / each checkpoint written (lorakit.track, lorakit.plot)
+        self.on_record: list[Callable[[dict], None]] = []
+        self.on_checkpoint: list[Callable[[Path], None]] = []
         if self.cuda_graphs and hasattr(data.collate, "pad_to_multiple_of"):
             data.collate.pad_to_multiple_of = self.padded_to = CUDA_GRAPH_PAD  # each new shape records new graphs
 
@@ -180,12 +183,16 @@ class Trainer:
     def _log(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        for callback in self.on_record:
+            callback(record)
 
     def _save(self, optimizer, scheduler) -> Path:
         path = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
         ckpt.save_checkpoint(path, self.model, self.method, recipe_to_dict(self.recipe),
                              optimizer, scheduler, self.step)
         ckpt.mark_latest(self.run_dir, path)
+        for callback in self.on_checkpoint:
+            callback(path)
         return path
 
     def _save_peft(self, folder: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lorakit import track
 from lorakit.config import load_recipe, recipe_to_dict
 from lorakit.errors import LorakitError
 from lorakit.evaluate import generate_samples
@@ -35,7 +36,8 @@ def _samples(session, console: Console, title: str) -> None:
 # Fields a resumed run may change: they do not alter the batches, the optimizer or the schedule seen so far.
 RESUMABLE_CHANGES = {"train.max_steps", "train.num_epochs", "train.eval_every", "train.save_every",
                      "train.log_every", "train.num_samples", "train.eval_batch_size",
-                     "train.cross_entropy", "train.kernels", "train.compile"}  # the last three: speed only
+                     "train.cross_entropy", "train.kernels", "train.compile",  # these three: speed only
+                     "train.report_to", "train.project", "train.run_name"}  # tracking only
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -70,7 +72,8 @@ def keep_metrics_until(path: Path, step: int) -> None:
         ckpt.write_atomic_text(path, "".join(line + "\n" for line in lines))
 
 
-def run_training(recipe_path: Path, overrides: list[str], resume: bool, console: Console) -> dict:
+def run_training(recipe_path: Path, overrides: list[str], resume: bool, console: Console,
+                 verbose: bool = False) -> dict:
     """Validate the recipe, train, and write the run folder. Returns the final metrics.
 
     Raises:
@@ -94,6 +97,7 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
             f"output_dir {run_dir} already holds a run; pass --resume to continue it, or choose another "
             f"output_dir (e.g. output_dir={run_dir}-2)"
         )
+    track.check_installed(recipe.train.report_to)  # a missing tracker fails before the model loads
     session = build_session(recipe, console, method_state)
     if resume:
         ckpt.load_adapter_weights(session.model, latest / ckpt.ADAPTER_FILE)
@@ -110,7 +114,14 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
         console.print(f"before training: {_summary_line(before)}")
         _samples(session, console, "samples before training")
     start_step = step if resume else 0
-    after = trainer.train(resume_from=latest if resume else None)
+    trackers = track.Trackers(recipe.train.report_to, run_dir, recipe_to_dict(recipe), start_step, verbose)
+    trainer.on_record.append(trackers.log)
+    for where in trackers.describe():
+        console.print(f"tracking: {where}", soft_wrap=True, highlight=False)
+    try:
+        after = trainer.train(resume_from=latest if resume else None)
+    finally:
+        trackers.finish()
     seconds = trainer.train_seconds
     console.print(f"after training:  {_summary_line(after)}")
     _samples(session, console, "samples after training")
