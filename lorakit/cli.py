@@ -17,6 +17,8 @@ app = typer.Typer(help="Fine-tune language models with the LoRA family, from YAM
                   no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 out = Console()
+TRUST = typer.Option(False, "--trust-remote-code", help="Allow the model folder's own Python code (config.json "
+                     "auto_map) to run. A run folder's recipe can never turn this on by itself.")
 
 
 def _fail(err: LorakitError) -> None:
@@ -29,12 +31,14 @@ def train(
     recipe: Path = typer.Argument(..., help="YAML recipe."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. train.max_steps=20."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its latest checkpoint."),
+    trust_remote_code: bool = TRUST,
 ) -> None:
     """Fine-tune the recipe's model with its adapter method; writes checkpoints and metrics.jsonl."""
     try:
         from lorakit.train.run import run_training
 
-        run_training(recipe, overrides or [], resume, console)
+        extra = ["model.trust_remote_code=true"] if trust_remote_code else []
+        run_training(recipe, [*(overrides or []), *extra], resume, console)
     except LorakitError as err:
         _fail(err)
 
@@ -46,6 +50,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Evaluate at this rank (methods with a variable rank)."),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="Comma-separated ranks, or 'all'."),
+    trust_remote_code: bool = TRUST,
 ) -> None:
     """Held-out metrics of a trained adapter (loss/perplexity, or accuracy/macro-F1)."""
     try:
@@ -53,7 +58,7 @@ def eval_cmd(
         from lorakit.train.loop import Trainer
 
         overrides = {"data": {"source": data}} if data else None
-        session, path = load_checkpoint_session(run, console, overrides)
+        session, path = load_checkpoint_session(run, console, overrides, trust_remote_code)
         trainer = Trainer(session.model, session.tokenizer, session.method, session.data,
                           session.recipe, session.device, console, allow_compile=False)
         options = {k: v for k, v in (("rank", rank), ("ranks", ranks)) if v is not None}
@@ -96,12 +101,13 @@ def merge(
     rank: Optional[int] = typer.Option(None, "--rank", help="Merge at this rank (methods with a variable rank)."),
     onto: str = typer.Option("dequant", "--onto", help="Quantized base: merge onto dequant (the trained "
                              "4/8-bit weights, exact) or original (the 16/32-bit weights; deviates)."),
+    trust_remote_code: bool = TRUST,
 ) -> None:
     """Merge the adapter into the base weights and save a standalone model folder (checked)."""
     try:
         from lorakit.merge import merge_run
 
-        diff = merge_run(run, output, dtype, console, rank=rank, onto=onto)
+        diff = merge_run(run, output, dtype, console, rank=rank, onto=onto, trust_remote_code=trust_remote_code)
     except LorakitError as err:
         _fail(err)
     out.print(f"merged model written to {output}; largest |logit difference| vs the adapter model: {diff:.3g}")
@@ -135,6 +141,7 @@ def export(
     base_model: Optional[str] = typer.Option(None, "--base-model", help="base_model_name_or_path to record "
                                              "(default: the recipe's base; built-ins: lorakit's cached copy)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Load the export with peft and compare logits."),
+    trust_remote_code: bool = TRUST,
 ) -> None:
     """Write the adapter in PEFT's format, loadable by peft, transformers and vLLM (checked)."""
     try:
@@ -142,7 +149,8 @@ def export(
             raise LorakitError(f"--format {fmt!r}: expected peft")
         from lorakit.export import export_run
 
-        diff = export_run(run, output, console, rank=rank, base_model=base_model, check=check)
+        diff = export_run(run, output, console, rank=rank, base_model=base_model, check=check,
+                          trust_remote_code=trust_remote_code)
     except LorakitError as err:
         _fail(err)
     tail = "" if diff is None else f"; largest |logit difference| vs PEFT: {diff:.3g}"
@@ -157,11 +165,11 @@ SEED = typer.Option(None, "--seed", help="Seed for sampling.")
 TARGET = typer.Argument(..., help="Run or checkpoint folder, PEFT adapter folder, or model (folder, built-in name, hub id).")
 
 
-def _load_for_generation(target: str):
+def _load_for_generation(target: str, trust_remote_code: bool):
     """(model, tokenizer, device) for generate/chat; says on stderr what was loaded."""
     from lorakit.generate import load_for_generation
 
-    model, tokenizer, device, what = load_for_generation(target)
+    model, tokenizer, device, what = load_for_generation(target, trust_remote_code, console)
     console.print(f"[dim]{what}[/dim]", soft_wrap=True)
     return model, tokenizer, device
 
@@ -172,13 +180,13 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt (one user turn of the chat template)."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as plain text, without the chat template."),
     max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_p: float = TOP_P,
-    greedy: bool = GREEDY, seed: Optional[int] = SEED,
+    greedy: bool = GREEDY, seed: Optional[int] = SEED, trust_remote_code: bool = TRUST,
 ) -> None:
     """Generate one reply to a prompt, streamed; stops at the end-of-turn token."""
     try:
         from lorakit.generate import GenerationOptions, generate_reply
 
-        model, tokenizer, device = _load_for_generation(target)
+        model, tokenizer, device = _load_for_generation(target, trust_remote_code)
         options = GenerationOptions(max_new_tokens, temperature, top_p, greedy, seed)
         generate_reply(model, tokenizer, device, prompt, options, raw=raw)
     except LorakitError as err:
@@ -190,13 +198,13 @@ def chat(
     target: str = TARGET,
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt."),
     max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_p: float = TOP_P,
-    greedy: bool = GREEDY, seed: Optional[int] = SEED,
+    greedy: bool = GREEDY, seed: Optional[int] = SEED, trust_remote_code: bool = TRUST,
 ) -> None:
     """Chat through the tokenizer's chat template, replies streamed; /exit quits, /reset clears."""
     try:
         from lorakit.generate import GenerationOptions, chat_loop
 
-        model, tokenizer, device = _load_for_generation(target)
+        model, tokenizer, device = _load_for_generation(target, trust_remote_code)
         options = GenerationOptions(max_new_tokens, temperature, top_p, greedy, seed)
         chat_loop(model, tokenizer, device, options, console, system=system)
     except LorakitError as err:

@@ -198,7 +198,7 @@ def peft_logits(folder: Path, session, batches) -> list[torch.Tensor] | None:
 
 
 def export_run(run: Path, output: Path, console: Console, rank: int | None = None, base_model: str | None = None,
-               check: bool = True) -> float | None:
+               check: bool = True, trust_remote_code: bool = False) -> float | None:
     """Export a run's (or checkpoint's) adapter as a PEFT folder with its tokenizer.
 
     Returns the largest |logit difference| between lorakit's model and PEFT's model loaded from
@@ -212,7 +212,8 @@ def export_run(run: Path, output: Path, console: Console, rank: int | None = Non
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise LorakitError(f"--output {output}: folder exists and is not empty")
-    session, path = load_checkpoint_session(run, console, cpu_check_overrides(model_device()))  # fp32 on CPU
+    session, path = load_checkpoint_session(run, console, cpu_check_overrides(model_device()),  # fp32 on CPU
+                                            trust_remote_code=trust_remote_code)
     method = session.method
     _set_rank(method, rank)
     if not write_peft_folder(output, session.model, method, session.recipe, base_model, session.tokenizer):

@@ -77,9 +77,11 @@ def _attach(recipe, model, checkpoint: Path | None):
         load_peft_weights(model, method, recipe.model.adapter)
 
 
-def load_for_generation(target: str) -> tuple[torch.nn.Module, object, torch.device, str]:
+def load_for_generation(target: str, trust_remote_code: bool = False, console=None) -> tuple[torch.nn.Module, object, torch.device, str]:
     """(model in eval mode on its device, tokenizer, device, description) for a run, checkpoint, PEFT
-    adapter folder or model. Raises LorakitError for a classification model or an unloadable target."""
+    adapter folder or model. Remote code runs only with ``trust_remote_code`` (the user's flag), never on
+    a stored recipe's word (:mod:`lorakit.trust`). Raises LorakitError for a classification model or an
+    unloadable target."""
     from lorakit.config import ModelConfig, recipe_from_dict
     from lorakit.models import load_model, load_tokenizer, model_device
     from lorakit.quant import prepare_kbit_model
@@ -89,10 +91,14 @@ def load_for_generation(target: str) -> tuple[torch.nn.Module, object, torch.dev
     recipe, checkpoint = None, None
     try:
         checkpoint = ckpt.resolve_checkpoint(path)
-    except LorakitError:
+    except ckpt.NoCheckpoint:
         pass
     if checkpoint is not None:
-        recipe = recipe_from_dict(ckpt.read_checkpoint_meta(checkpoint)[0], origin=str(checkpoint / "recipe.yaml"))
+        from lorakit import trust
+
+        stored = trust.stored_recipe(checkpoint, ckpt.read_checkpoint_meta(checkpoint)[0], trust_remote_code,
+                                     console)
+        recipe = recipe_from_dict(stored, origin=str(checkpoint / "recipe.yaml"))
         what = f"{checkpoint} ({recipe.method.name} on {recipe.model.name_or_path})"
     elif (path / "adapter_config.json").is_file():
         from lorakit.peft_import import apply_adapter_config, read_adapter_config
@@ -101,13 +107,13 @@ def load_for_generation(target: str) -> tuple[torch.nn.Module, object, torch.dev
         base = config.get("base_model_name_or_path")
         if not base:
             raise LorakitError(f"{path}: adapter_config.json names no base_model_name_or_path")
-        recipe = recipe_from_dict({"model": {"name_or_path": base, "adapter": str(path)},
+        recipe = recipe_from_dict({"model": {"name_or_path": base, "adapter": str(path), "trust_remote_code": trust_remote_code},
                                    "method": {"name": "dora" if config.get("use_dora") else "lora"}})
         apply_adapter_config(recipe)
         what = f"PEFT adapter {path} on {base}"
     if recipe is not None and recipe.model.task != "causal_lm":
         raise LorakitError(f"{target}: a {recipe.model.task} model classifies, it does not generate text")
-    mcfg = recipe.model if recipe is not None else ModelConfig(name_or_path=str(target))
+    mcfg = recipe.model if recipe is not None else ModelConfig(name_or_path=str(target), trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(mcfg)
     model = load_model(mcfg, precision=recipe.train.precision if recipe is not None else "auto")
     if recipe is not None:

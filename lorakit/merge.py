@@ -115,7 +115,7 @@ def load_merged(folder: Path, task: str, trust_remote_code: bool = False) -> tor
 
 
 def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int | None = None,
-              onto: str = "dequant") -> float:
+              onto: str = "dequant", trust_remote_code: bool = False) -> float:
     """Merge a run's adapter into its base, save model + tokenizer to ``output`` atomically.
 
     Over a quantized base the saved model is unquantized (see the module docstring for ``onto``).
@@ -130,7 +130,8 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise LorakitError(f"--output {output}: folder exists and is not empty")
-    session, path = load_checkpoint_session(run, console, cpu_check_overrides(model_device()))  # fp32 on CPU
+    session, path = load_checkpoint_session(run, console, cpu_check_overrides(model_device()),  # fp32 on CPU
+                                            trust_remote_code=trust_remote_code)
     method = session.method
     if not method.mergeable:
         raise LorakitError(f"method {method.name} cannot be merged into the base weights")

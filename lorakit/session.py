@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from lorakit import trust
 from lorakit.config import Recipe, recipe_from_dict
 from lorakit.data import load_raw, tokenize
 from lorakit.methods import Method, build_method
@@ -86,14 +87,18 @@ def build_session(recipe: Recipe, console: Console, method_state: dict | None = 
     return Session(recipe, model, tokenizer, method, data, device)
 
 
-def load_checkpoint_session(run_or_checkpoint: str | Path, console: Console, overrides: dict | None = None) -> tuple[Session, Path]:
+def load_checkpoint_session(run_or_checkpoint: str | Path, console: Console, overrides: dict | None = None,
+                            trust_remote_code: bool = False) -> tuple[Session, Path]:
     """Rebuild the model of a saved checkpoint and load its adapter weights.
 
-    ``overrides`` replaces recipe sections (e.g. ``{"data": {...}}`` for ``eval --data``).
-    Raises LorakitError when the folder holds no checkpoint.
+    ``overrides`` replaces recipe sections (e.g. ``{"data": {...}}`` for ``eval --data``). Remote code
+    runs only with ``trust_remote_code`` (the user's flag), never on the stored recipe's word
+    (:mod:`lorakit.trust`). Raises LorakitError when the folder holds no checkpoint, or a stored file
+    is not valid or points outside the run folder.
     """
     path = ckpt.resolve_checkpoint(run_or_checkpoint)
     recipe_data, method_state = ckpt.read_checkpoint_meta(path)
+    recipe_data = trust.stored_recipe(path, recipe_data, trust_remote_code, console)
     for section, values in (overrides or {}).items():
         recipe_data.setdefault(section, {}).update(values)
     recipe = recipe_from_dict(recipe_data, origin=str(path / "recipe.yaml"))

@@ -25,10 +25,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorakit import trust
 from lorakit.errors import LorakitError
 from lorakit.methods.base import AdapterLayer
 
-ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_FILE = trust.ADAPTER_FILE
+
+
+class NoCheckpoint(LorakitError):
+    """The folder holds no checkpoint at all (as opposed to a damaged or unsafe one)."""
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -100,7 +105,8 @@ def save_checkpoint(
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(adapter_state_dict(model), str(tmp / ADAPTER_FILE), metadata={"format": "lorakit"})
+    meta = {"format": "lorakit", **trust.base_record(recipe)}  # the base it was trained on (lorakit.trust)
+    save_file(adapter_state_dict(model), str(tmp / ADAPTER_FILE), metadata=meta)
     (tmp / "method.json").write_text(json.dumps(method.state_dict(), indent=1))
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     if optimizer is not None:
@@ -136,13 +142,24 @@ def mark_latest(output_dir: Path, checkpoint: Path) -> None:
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest training checkpoint of a run folder, or None."""
-    pointer = Path(output_dir) / "checkpoints" / "latest"
+    """The newest training checkpoint of a run folder, or None.
+
+    Raises:
+        LorakitError: ``checkpoints/latest`` or a checkpoint folder points outside the run folder
+            (:func:`lorakit.trust.inside`).
+    """
+    run = Path(output_dir)
+    pointer = run / "checkpoints" / "latest"
     if pointer.is_file():
-        candidate = pointer.parent / pointer.read_text().strip()
+        name = pointer.read_text(errors="replace").strip()
+        candidate = pointer.parent / name
+        trust.inside(run / "checkpoints", candidate, f"{pointer} ({name!r})")
         if (candidate / ADAPTER_FILE).is_file():
+            trust.check_checkpoint_files(run, candidate)
             return candidate
-    steps = sorted(p for p in (Path(output_dir) / "checkpoints").glob("step-*") if (p / ADAPTER_FILE).is_file())
+    steps = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / ADAPTER_FILE).is_file())
+    if steps:
+        trust.check_checkpoint_files(run, steps[-1])
     return steps[-1] if steps else None
 
 
@@ -150,21 +167,37 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
     """A checkpoint folder from a checkpoint path or a run folder (its ``final``, else its latest).
 
     Raises:
-        LorakitError: no checkpoint there.
+        NoCheckpoint: no checkpoint there.
+        LorakitError: a checkpoint that points outside the run folder.
     """
     path = Path(run_or_checkpoint)
     if (path / ADAPTER_FILE).is_file():
+        trust.check_checkpoint_files(path, path)
         return path
     if (path / "final" / ADAPTER_FILE).is_file():
+        trust.check_checkpoint_files(path, path / "final")
         return path / "final"
     latest = latest_checkpoint(path)
     if latest is None:
-        raise LorakitError(f"{path}: not a lorakit run folder or checkpoint (no {ADAPTER_FILE} found)")
+        raise NoCheckpoint(f"{path}: not a lorakit run folder or checkpoint (no {ADAPTER_FILE} found)")
     return latest
 
 
 def read_checkpoint_meta(checkpoint: Path) -> tuple[dict, dict]:
-    """(recipe mapping, method state) stored in a checkpoint folder."""
-    recipe = yaml.safe_load((checkpoint / "recipe.yaml").read_text())
-    method_state = json.loads((checkpoint / "method.json").read_text())
+    """(recipe mapping, method state) stored in a checkpoint folder (``yaml.safe_load``, JSON).
+
+    Raises:
+        LorakitError: ``recipe.yaml`` or ``method.json`` is missing or not what lorakit writes.
+    """
+    checkpoint = Path(checkpoint)
+    try:
+        recipe = yaml.safe_load((checkpoint / "recipe.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise LorakitError(f"{checkpoint / 'recipe.yaml'}: not a valid lorakit checkpoint file "
+                           f"({type(err).__name__})") from None
+    if not isinstance(recipe, dict):
+        raise LorakitError(f"{checkpoint / 'recipe.yaml'}: not a valid lorakit checkpoint file (not a mapping)")
+    method_state = trust.read_json(checkpoint / "method.json", "lorakit checkpoint file")
+    if not isinstance(method_state, dict):
+        raise LorakitError(f"{checkpoint / 'method.json'}: not a valid lorakit checkpoint file (not a mapping)")
     return recipe, method_state
