@@ -118,18 +118,43 @@ def compare(
     recipes: list[Path] = typer.Argument(..., help="Recipes to train and compare, e.g. recipes/bbc-news-minilm*.yaml."),
     override: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE override applied to every recipe (repeatable)."),
     markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="PNG of the runs' curves and final metric "
+                                             "(default: compare.png beside the runs' folders)."),
 ) -> None:
-    """Train several recipes (skipping finished runs) and print one table side by side."""
+    """Train several recipes (skipping finished runs), print one table side by side, draw them in one PNG."""
     try:
         from lorakit import compare as cmp
+        from lorakit import plot as plots
 
         rows = cmp.compare(recipes, override or [], console)
+        dirs = [Path(r["output_dir"]) for r in rows]
+        picture = plots.plot_runs(dirs, plot_path or cmp.default_plot_path(dirs), title="lorakit compare")
     except LorakitError as err:
         _fail(err)
+    console.print(f"curves: {picture}", highlight=False, soft_wrap=True)
     if markdown:
         typer.echo(cmp.markdown(rows))  # plain text: no wrapping or markup
     else:
         out.print(cmp.table(rows))
+
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run folders (output_dir of lorakit train)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (default: RUN/curves.png "
+                                          "for one run, runs.png here for several)."),
+) -> None:
+    """Draw loss, learning rate and held-out metrics of a run, or overlay several runs, as a PNG."""
+    try:
+        from lorakit import plot as plots
+
+        if len(runs) == 1 and output is None:
+            path = plots.plot_run(runs[0])
+        else:
+            path = plots.plot_runs(runs, output or Path("runs.png"))
+    except LorakitError as err:
+        _fail(err)
+    out.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -9,6 +9,7 @@ final held-out metrics.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -49,6 +50,12 @@ def compare(recipes: list[Path], overrides: list[str], console: Console) -> list
                      "seconds_per_step": summary.get("seconds_per_step"),
                      **{k: summary["after"][k] for k in METRICS if k in summary["after"]}})
     return rows
+
+
+def default_plot_path(dirs: list[Path]) -> Path:
+    """``compare.png`` in the deepest folder that holds every run folder."""
+    parents = [Path(os.path.abspath(d)).parent for d in dirs]
+    return Path(os.path.commonpath(parents)) / "compare.png"
 
 
 def table(rows: list[dict]) -> Table:

@@ -7,6 +7,7 @@ from rich.console import Console
 from lorakit import compare as cmp
 from lorakit.config import load_recipe, recipe_to_dict
 from lorakit.errors import LorakitError
+from tests.tiny_run import tiny_world  # noqa: F401
 
 
 def test_compare_trains_unfinished_runs_only(tmp_path, monkeypatch):
@@ -17,7 +18,7 @@ def test_compare_trains_unfinished_runs_only(tmp_path, monkeypatch):
         recipes.append(path)
     trained = []
 
-    def fake_run(path, overrides, resume, console):
+    def fake_run(path, overrides, resume, console, verbose=False):
         out = tmp_path / path.stem
         out.mkdir()
         recipe = recipe_to_dict(load_recipe(path, overrides))
@@ -43,3 +44,17 @@ def test_compare_rejects_a_shared_output_dir(tmp_path):
         paths[-1].write_text(f"method: {{name: {name}}}\n")
     with pytest.raises(LorakitError, match="shared with another recipe"):
         cmp.compare(paths, [], Console(quiet=True))
+
+
+def test_compare_command_draws_the_runs(tiny_world, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+    from tests.tiny_run import tiny_recipe, write_recipe
+
+    paths = [write_recipe(tmp_path / f"{m}.yaml", tiny_recipe(tiny_world, tmp_path / "runs" / m, method={"name": m}))
+             for m in ("lora", "dora")]
+    result = CliRunner().invoke(app, ["compare", *map(str, paths), "--set", "train.max_steps=2", "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert "| dora |" in result.output
+    assert (tmp_path / "runs" / "compare.png").stat().st_size > 10_000

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lorakit import track
+from lorakit import plot, track
 from lorakit.config import load_recipe, recipe_to_dict
 from lorakit.errors import LorakitError
 from lorakit.evaluate import generate_samples
@@ -116,6 +116,7 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
     start_step = step if resume else 0
     trackers = track.Trackers(recipe.train.report_to, run_dir, recipe_to_dict(recipe), start_step, verbose)
     trainer.on_record.append(trackers.log)
+    trainer.on_checkpoint.append(lambda _path: plot.redraw(run_dir, console))
     for where in trackers.describe():
         console.print(f"tracking: {where}", soft_wrap=True, highlight=False)
     try:
@@ -131,4 +132,6 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
                "seconds_per_step": seconds / steps_run if steps_run else None,
                "trainable_parameters": sum(p.numel() for p in session.model.parameters() if p.requires_grad)}
     ckpt.write_atomic_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    plot.redraw(run_dir, console)
+    console.print(f"curves: {run_dir / plot.PNG}", highlight=False, soft_wrap=True)
     return after

@@ -1,0 +1,157 @@
+"""Pictures of runs with matplotlib: a run's curves (``<output_dir>/curves.png``, redrawn at each
+checkpoint and at the end), several runs overlaid (``lorakit plot RUN...``), and ``compare``'s figure.
+
+Everything is read from the run folder: ``metrics.jsonl`` (training records with ``loss``/``lr``,
+evaluation records with ``eval_loss`` and ``accuracy``/``macro_f1``) and ``summary.json`` (its ``before``
+evaluation is drawn at step 0). Figures are built on :class:`matplotlib.figure.Figure` (no pyplot state,
+no display needed) and written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+PNG = "curves.png"
+EVAL_KEYS = ("eval_loss", "accuracy", "macro_f1")  # drawn when present; perplexity is exp(eval_loss)
+
+
+def read_run(run_dir: Path) -> dict:
+    """{"name", "method", "train": [records], "eval": [records]} of a run folder.
+
+    Raises LorakitError when the folder has no metrics.jsonl or a line is not JSON."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise LorakitError(f"{run_dir}: no metrics.jsonl (not a lorakit run folder, or nothing logged yet)")
+    train, evals = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise LorakitError(f"{path}, line {number}: not JSON") from None
+        (train if "loss" in record else evals).append(record)
+    summary = {}
+    if (run_dir / "summary.json").is_file():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except json.JSONDecodeError:
+            summary = {}
+    if isinstance(summary.get("before"), dict):
+        evals.insert(0, {"step": 0, **summary["before"]})
+    return {"name": run_dir.name, "method": summary.get("method"), "train": train, "eval": evals}
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` values (the first ones over what there is)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+def _figure(panels: int):
+    from matplotlib.figure import Figure
+
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(5.2 * panels, 4.0), layout="constrained")
+    axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig, axes
+
+
+def _loss_panel(ax, run: dict, label: str | None = None, color=None) -> None:
+    steps, loss = _series(run["train"], "loss")
+    if steps:
+        window = max(1, len(steps) // 20)
+        if window > 1:
+            ax.plot(steps, loss, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth(loss, window), color=color, linewidth=1.6,
+                label=f"{label or ''} train{' (mean of ' + str(window) + ')' if window > 1 else ''}".strip())
+    steps, loss = _series(run["eval"], "eval_loss")
+    if steps:
+        ax.plot(steps, loss, "o--", color=color, linewidth=1.2, markersize=4, label=f"{label or ''} held-out".strip())
+    ax.set(title="loss", xlabel="optimizer step", ylabel="loss")
+
+
+def plot_run(run_dir: Path, path: Path | None = None) -> Path:
+    """Draw one run's training and held-out loss, learning rate and evaluation metrics into
+    ``path`` (default ``<run_dir>/curves.png``). Raises LorakitError for a folder without metrics."""
+    run = read_run(run_dir)
+    metrics = [k for k in ("accuracy", "macro_f1") if _series(run["eval"], k)[0]]
+    fig, axes = _figure(3 if metrics else 2)
+    _loss_panel(axes[0], run, color="tab:blue")
+    axes[0].legend(loc="upper right", fontsize=8)
+    steps, lr = _series(run["train"], "lr")
+    axes[1].plot(steps, lr, color="tab:orange")
+    axes[1].set(title="learning rate", xlabel="optimizer step")
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if metrics:
+        for key in metrics:
+            axes[2].plot(*_series(run["eval"], key), "o-", label=key)
+        axes[2].set(title="held-out metrics", xlabel="optimizer step", ylim=(0, 1.02))
+        axes[2].legend(loc="lower right", fontsize=8)
+    name = Path(run_dir).resolve().name
+    fig.suptitle(f"{name} ({run['method']})" if run["method"] else name)
+    return _save(fig, Path(path) if path else Path(run_dir) / PNG)
+
+
+def redraw(run_dir: Path, console) -> None:
+    """:func:`plot_run` during training: a failure to draw is a warning line, never the end of the run."""
+    try:
+        plot_run(run_dir)
+    except Exception as err:  # noqa: BLE001 - the run's own files are written already
+        console.print(f"[yellow]warning:[/] no {PNG} for {run_dir}: {type(err).__name__}: {err}", markup=True,
+                      highlight=False, soft_wrap=True)
+
+
+def _label(run: dict, runs: list[dict]) -> str:
+    methods = [r["method"] for r in runs]
+    if run["method"] and methods.count(run["method"]) == 1:
+        return run["method"]
+    return run["name"] + (f" ({run['method']})" if run["method"] else "")
+
+
+def plot_runs(run_dirs: list[Path], path: Path, title: str = "lorakit runs") -> Path:
+    """Overlay several runs: training/held-out loss per step and, when the runs have one, the final
+    held-out metric per run as bars. Raises LorakitError naming a folder without metrics."""
+    runs = [read_run(d) for d in run_dirs]
+    final_key = next((k for k in ("accuracy", "eval_loss") if all(_series(r["eval"], k)[0] for r in runs)), None)
+    fig, axes = _figure(2 if final_key else 1)
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for run, color in zip(runs, colors):
+        _loss_panel(axes[0], run, _label(run, runs), color)
+    axes[0].legend(loc="upper right", fontsize=7, ncol=2 if len(runs) > 4 else 1)
+    if final_key:
+        labels = [_label(r, runs) for r in runs]
+        finals = [_series(r["eval"], final_key)[1][-1] for r in runs]
+        bars = axes[1].bar(range(len(runs)), finals, color=colors)
+        axes[1].bar_label(bars, fmt="%.3f", fontsize=7)
+        axes[1].set_xticks(range(len(runs)), labels, rotation=30, ha="right", fontsize=8)
+        axes[1].set(title=f"final held-out {final_key}", ylabel=final_key)
+        if final_key == "eval_loss":  # losses differ in the decimals: start the axis near them
+            low, high = min(finals), max(finals)
+            axes[1].set_ylim(low - 0.5 * (high - low) - 0.01, high + 0.15 * (high - low) + 0.01)
+    fig.suptitle(title)
+    return _save(fig, path)
