@@ -54,17 +54,15 @@ def eval_cmd(
 ) -> None:
     """Held-out metrics of a trained adapter (loss/perplexity, or accuracy/macro-F1)."""
     try:
-        from lorakit.session import load_checkpoint_session
+        from lorakit.session import load_run
         from lorakit.train.loop import Trainer
 
         overrides = {"data": {"source": data}} if data else None
-        session, path = load_checkpoint_session(run, console, overrides, trust_remote_code)
+        session, path = load_run(run, console, overrides, trust_remote_code)
         trainer = Trainer(session.model, session.tokenizer, session.method, session.data,
                           session.recipe, session.device, console, allow_compile=False)
         options = {k: v for k, v in (("rank", rank), ("ranks", ranks)) if v is not None}
-        if options and "evaluate" not in session.method.hooks_used():
-            raise LorakitError(f"--rank/--ranks: method {session.method.name} has a fixed rank")
-        metrics = trainer.evaluate(**options)
+        metrics = trainer.evaluate(**options)  # a fixed-rank method refuses rank options
     except LorakitError as err:
         _fail(err)
     if as_json:

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from lorakit.config import load_recipe, recipe_to_dict
 from lorakit.errors import LorakitError
-from lorakit.train import checkpoint as ckpt
+from lorakit.storage import checkpoint as ckpt
 from lorakit.train.run import run_training
 
 METRICS = ("accuracy", "macro_f1", "eval_loss", "perplexity")

@@ -1,9 +1,10 @@
 """Typed recipes: YAML (``yaml.safe_load``) validated into pydantic v2 models.
 
 A recipe has the sections ``model``, ``method``, ``data``, ``train`` and ``output_dir``. The fields of
-``method`` beyond the shared A/B ones are validated by the method's own config class, found in the
-registry by ``method.name``. Every validation problem becomes one :class:`RecipeError` line naming the
-field, the bad value and what is allowed (unknown keys get the nearest valid name).
+``method`` are validated by the method's own config class, found in the registry by ``method.name``
+(:mod:`lorakit.methods`: the schema imports the registry, never the reverse). Every validation
+problem becomes one :class:`RecipeError` line naming the field, the bad value and what is allowed
+(unknown keys get the nearest valid name).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorakit.errors import RecipeError
+from lorakit.methods import MethodConfig, get_method_class
 
 
 class Section(BaseModel):
@@ -34,41 +36,6 @@ class ModelConfig(Section):
         "a bitsandbytes 4/8-bit frozen base under any method (QLoRA); null: none")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
     adapter: str | None = Field(None, description="a PEFT LoRA/DoRA folder whose weights the run starts from")
-
-
-PEER_ALIASES = {"lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
-
-
-class MethodConfig(Section):
-    """Fields every method accepts. Methods subclass this for their own fields."""
-
-    name: str = Field("lora", description="the adapter method (lorakit list-methods)")
-    r: int = Field(8, gt=0, description="rank of the update BA (alias lora_r)")
-    lora_alpha: float = Field(16.0, gt=0, description="scaling = lora_alpha / r (alias alpha)")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter branch's input only (alias dropout)")
-    target_modules: list[str] | str = Field("all-linear", description=
-        "module names (e.g. [q_proj, v_proj]), one regex string matched against full names, or all-linear "
-        "(every linear layer but the output head)")
-    use_rslora: bool = Field(False, description="scaling = lora_alpha / sqrt(r) (Kalajdzievski 2023)")
-    loraplus_lr_ratio: float | None = Field(None, gt=0, description=
-        "LoRA+ on any A/B method: lr of lora_B = ratio × learning_rate (Hayou et al. 2024); null: off")
-    loraplus_lr_embedding: float = Field(1e-6, gt=0, description="LoRA+: learning rate of embedding adapters")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _peer_aliases(cls, data: Any) -> Any:
-        """Accept the names other tools use: ``lora_r``, ``alpha``, ``dropout`` (every method inherits this)."""
-        if isinstance(data, dict):
-            for alias, name in PEER_ALIASES.items():
-                if alias in data and name not in data:
-                    data = {**data, name: data[alias]}
-                    del data[alias]
-        return data
-
-    @property
-    def scaling(self) -> float:
-        """s = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora`` (Kalajdzievski 2023)."""
-        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
 
 class DataConfig(Section):
@@ -160,8 +127,6 @@ class Recipe(Section):
     @field_validator("method", mode="before")
     @classmethod
     def _method_by_name(cls, value: Any) -> Any:
-        from lorakit.methods import get_method_class
-
         if isinstance(value, MethodConfig):
             return value
         if not isinstance(value, dict):
@@ -176,8 +141,6 @@ class Recipe(Section):
     def _method_default_quantization(cls, data: Any) -> Any:
         """A method may need a quantized base (QLoRA): its ``default_quantization`` fills an unset
         ``model.quantization``."""
-        from lorakit.methods import get_method_class
-
         if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
             return data
         method = data.get("method", {})
@@ -198,8 +161,6 @@ class Recipe(Section):
     def _task_and_format(self) -> "Recipe":
         if self.model.task == "seq_cls" and self.data.format not in ("auto", "classification"):
             raise ValueError(f"data.format {self.data.format!r} needs model.task causal_lm")
-        from lorakit.methods import get_method_class
-
         default = get_method_class(self.method.name).default_quantization
         if default is not None and self.model.quantization is None:
             raise ValueError(f"method {self.method.name} needs a quantized base: set model.quantization to "
@@ -219,8 +180,6 @@ def _section_fields(data: dict, loc: tuple) -> list[str]:
     for part in loc[:-1]:
         node = node.get(part, {}) if isinstance(node, dict) else {}
         if part == "method":
-            from lorakit.methods import get_method_class
-
             try:
                 model = get_method_class(node.get("name", "lora")).config_class
             except RecipeError:

@@ -2,7 +2,7 @@
 
 The target is a run folder or checkpoint (the recipe's base with the adapter attached, no data loaded),
 a PEFT LoRA/DoRA adapter folder (its ``base_model_name_or_path`` plus the adapter, via
-:mod:`lorakit.peft_import`), or a plain model folder / built-in name / hub id (e.g. a merged folder).
+:mod:`lorakit.methods.peft_import`), or a plain model folder / built-in name / hub id (e.g. a merged folder).
 Prompts go through the tokenizer's chat template when it has one (``raw`` sends the text as is).
 Generation stops at any end-of-turn token: the generation config's ``eos_token_id`` (one id or a list),
 the tokenizer's eos, and ``<|im_end|>``-style tokens in its vocabulary (:func:`stop_token_ids`), so a
@@ -20,8 +20,14 @@ import torch
 from rich.console import Console
 from transformers import TextStreamer
 
+from lorakit.config import ModelConfig
+from lorakit.data.encode import end_of_turn_ids
+from lorakit.device import model_device
 from lorakit.errors import LorakitError
+from lorakit.models import load_model, load_tokenizer
 from lorakit.precision import autocast
+from lorakit.session import Checkpoint, PeftFolder, load_session, peft_folder_recipe, run_recipe
+from lorakit.storage import checkpoint as ckpt
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
@@ -53,8 +59,6 @@ class _Stream(TextStreamer):
 
 def stop_token_ids(model, tokenizer) -> list[int]:
     """End-of-turn ids: generation config eos (int or list) ∪ tokenizer eos ∪ known end-of-turn tokens."""
-    from lorakit.data.encode import end_of_turn_ids
-
     ids = set(end_of_turn_ids(tokenizer))
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update([eos] if isinstance(eos, int) else list(eos or []))
@@ -62,70 +66,31 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 # ---- loading -------------------------------------------------------------------------------------------
-def _attach(recipe, model, checkpoint: Path | None):
-    from lorakit.methods import build_method
-    from lorakit.train import checkpoint as ckpt
-
-    method = build_method(recipe.method)
-    method.attach(model, recipe.model.task)
-    if checkpoint is not None:
-        method.load_state_dict(ckpt.read_checkpoint_meta(checkpoint)[1])
-        ckpt.load_adapter_weights(model, checkpoint / ckpt.ADAPTER_FILE)
-    else:
-        from lorakit.peft_import import load_peft_weights
-
-        load_peft_weights(model, method, recipe.model.adapter)
-
-
 def load_for_generation(target: str, trust_remote_code: bool = False, console=None) -> tuple[torch.nn.Module, object, torch.device, str]:
     """(model in eval mode on its device, tokenizer, device, description) for a run, checkpoint, PEFT
-    adapter folder or model. Remote code runs only with ``trust_remote_code`` (the user's flag), never on
-    a stored recipe's word (:mod:`lorakit.trust`). Raises LorakitError for a classification model or an
-    unloadable target."""
-    from lorakit.config import ModelConfig, recipe_from_dict
-    from lorakit.models import load_model, load_tokenizer, model_device
-    from lorakit.quant import prepare_kbit_model
-    from lorakit.train import checkpoint as ckpt
-
+    adapter folder or model, through :func:`lorakit.session.load_session`. Remote code runs only with
+    ``trust_remote_code`` (the user's flag), never on a stored recipe's word (:mod:`lorakit.trust`).
+    Raises LorakitError for a classification model or an unloadable target."""
     path = Path(target).expanduser()
-    recipe, checkpoint = None, None
     try:
         checkpoint = ckpt.resolve_checkpoint(path)
     except ckpt.NoCheckpoint:
-        pass
+        checkpoint = None
     if checkpoint is not None:
-        from lorakit import trust
-
-        stored = trust.stored_recipe(checkpoint, ckpt.read_checkpoint_meta(checkpoint)[0], trust_remote_code,
-                                     console)
-        recipe = recipe_from_dict(stored, origin=str(checkpoint / "recipe.yaml"))
+        recipe, weights = run_recipe(checkpoint, None, trust_remote_code, console), Checkpoint(checkpoint)
         what = f"{checkpoint} ({recipe.method.name} on {recipe.model.name_or_path})"
     elif (path / "adapter_config.json").is_file():
-        from lorakit.peft_import import apply_adapter_config, read_adapter_config
-
-        config = read_adapter_config(path)
-        base = config.get("base_model_name_or_path")
-        if not base:
-            raise LorakitError(f"{path}: adapter_config.json names no base_model_name_or_path")
-        recipe = recipe_from_dict({"model": {"name_or_path": base, "adapter": str(path), "trust_remote_code": trust_remote_code},
-                                   "method": {"name": "dora" if config.get("use_dora") else "lora"}})
-        apply_adapter_config(recipe)
-        what = f"PEFT adapter {path} on {base}"
-    if recipe is not None and recipe.model.task != "causal_lm":
+        recipe, weights = peft_folder_recipe(path), PeftFolder(path)
+        what = f"PEFT adapter {path} on {recipe.model.name_or_path}"
+    else:  # a plain model: no adapter
+        mcfg = ModelConfig(name_or_path=str(target), trust_remote_code=trust_remote_code)
+        tokenizer, model, device = load_tokenizer(mcfg), load_model(mcfg), model_device()
+        return model.to(device).eval(), tokenizer, device, str(target)
+    if recipe.model.task != "causal_lm":
         raise LorakitError(f"{target}: a {recipe.model.task} model classifies, it does not generate text")
-    mcfg = recipe.model if recipe is not None else ModelConfig(name_or_path=str(target), trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(mcfg)
-    model = load_model(mcfg, precision=recipe.train.precision if recipe is not None else "auto")
-    if recipe is not None:
-        if mcfg.quantization is not None:
-            prepare_kbit_model(model)
-        _attach(recipe, model, checkpoint)
-    else:
-        what = str(target)
-    device = model_device()
-    if mcfg.quantization is None:
-        model.to(device)
-    return model.eval(), tokenizer, device, what
+    session = load_session(recipe, weights, with_data=False, trust_remote_code=trust_remote_code)
+    torch.seed()  # sampling stays random unless --seed (the session seeded the RNG with the recipe's seed)
+    return session.model.eval(), session.tokenizer, session.device, what
 
 
 # ---- generating ----------------------------------------------------------------------------------------

@@ -15,58 +15,33 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from lorakit.data.batches import iterate_batches
+from lorakit.device import model_device
 from lorakit.errors import LorakitError
-from lorakit.evaluate import to_device
-from lorakit.models import model_device
-from lorakit.precision import autocast, cpu_check_overrides, recipe_precision
+from lorakit.evaluate import batch_logits
+from lorakit.models import model_dtype
+from lorakit.precision import cpu_check_overrides, recipe_precision
 from lorakit.quant import dequantize_model, is_quantized_model
-from lorakit.session import load_checkpoint_session
-from lorakit.train import checkpoint as ckpt
-from lorakit.train.loop import iterate_batches
+from lorakit.session import Checkpoint, load_run, load_session
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ONTO = ("dequant", "original")
-
-
-@torch.no_grad()
-def _logits(model, batches, device, precision: str) -> list[torch.Tensor]:
-    model.eval()
-    outs = []
-    for batch in batches:
-        batch = to_device({k: v for k, v in batch.items() if k != "labels"}, device)
-        with autocast(device, precision):
-            outs.append(model(**batch).logits.float().cpu())
-    return outs
-
-
-def _set_rank(method, rank: int | None) -> None:
-    if rank is not None:
-        if not hasattr(method, "set_rank"):
-            raise LorakitError(f"--rank: method {method.name} has a fixed rank")
-        method.set_rank(rank)
 
 
 def _onto_original(session, path: Path, rank: int | None):
     """(model, method): the recipe's base loaded unquantized, carrying the checkpoint's adapter.
 
     Raises LorakitError when the base is itself stored quantized (no original weights exist)."""
-    from lorakit.methods import build_method
-    from lorakit.models import load_model
-
-    recipe = session.recipe
-    labels = getattr(session.data, "label_names", None) if recipe.model.task == "seq_cls" else None
-    model = load_model(recipe.model.model_copy(update={"quantization": None}),
-                       num_labels=len(labels) if labels else None, label_names=labels,
-                       precision=recipe.train.precision)
+    recipe = session.recipe.model_copy(update={"model": session.recipe.model.model_copy(update={"quantization": None})})
+    labels = session.data.label_names if recipe.model.task == "seq_cls" else None
+    original = load_session(recipe, Checkpoint(path), with_data=False, label_names=labels)
+    model = original.model
     if is_quantized_model(model) or getattr(model, "hf_quantizer", None) is not None:
         raise LorakitError(f"--onto original: {recipe.model.name_or_path} is stored quantized, so it has no "
                            "original weights to merge onto; use --onto dequant")
-    method = build_method(recipe.method)
-    method.attach(model, recipe.model.task)
-    method.load_state_dict(ckpt.read_checkpoint_meta(path)[1])
-    ckpt.load_adapter_weights(model, path / ckpt.ADAPTER_FILE)
-    _set_rank(method, rank)
-    return model.to(session.device), method
+    if rank is not None:
+        original.method.set_rank(rank)
+    return model, original.method
 
 
 def untie_diverged_head(model: torch.nn.Module) -> bool:
@@ -130,21 +105,20 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise LorakitError(f"--output {output}: folder exists and is not empty")
-    session, path = load_checkpoint_session(run, console, cpu_check_overrides(model_device()),  # fp32 on CPU
-                                            trust_remote_code=trust_remote_code)
+    session, path = load_run(run, console, cpu_check_overrides(model_device()),  # fp32 on CPU
+                             trust_remote_code=trust_remote_code)
     method = session.method
     if not method.mergeable:
         raise LorakitError(f"method {method.name} cannot be merged into the base weights")
-    _set_rank(method, rank)
+    if rank is not None:
+        method.set_rank(rank)
     batches = list(iterate_batches(session.data.eval, session.data.collate, 4, seed=None))[:2]
     precision = recipe_precision(session.recipe, session.device)
-    before = _logits(session.model, batches, session.device, precision)
+    before = batch_logits(session.model, batches, session.device, precision)
     model, target, quant = session.model, DTYPES.get(dtype), session.recipe.model.quantization
     base = "the base weights"
     if quant is not None:
-        from lorakit.models import _dtype
-
-        target = target or _dtype(session.recipe.model, precision)  # auto: the dtype the base was loaded in
+        target = target or model_dtype(session.recipe.model, precision)  # auto: the dtype the base was loaded in
         base = f"dequant(Wq) of the {quant} base (reproduces the adapter model)"
         if onto == "original":
             session.model = model = None  # free the k-bit copy
@@ -159,7 +133,7 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
     session.model = model = None
     mcfg = session.recipe.model
     reloaded = load_merged(tmp, mcfg.task, mcfg.trust_remote_code).to(session.device)  # what users will load
-    after = _logits(reloaded, batches, session.device, precision)
+    after = batch_logits(reloaded, batches, session.device, precision)
     diff = max((a - b).abs().max().item() for a, b in zip(before, after))
     if output.exists():
         output.rmdir()

@@ -25,6 +25,7 @@ import torch
 
 from lorakit.assets import cache_dir, console, ensure
 from lorakit.config import ModelConfig
+from lorakit.device import model_device
 from lorakit.errors import LorakitError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,11 +33,6 @@ BUILTIN_MODELS = {
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct (causal LM, 135M, chat template)",
     "all-minilm-l6-v2": "all-MiniLM-L6-v2 (BERT encoder, 23M, for seq_cls)",
 }
-
-
-def model_device() -> torch.device:
-    """``cuda`` if a GPU is available, else ``cpu``."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _convert_smollm2() -> Path:
@@ -128,7 +124,7 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def _dtype(cfg: ModelConfig, precision: str = "auto") -> torch.dtype:
+def model_dtype(cfg: ModelConfig, precision: str = "auto") -> torch.dtype:
     """``cfg.dtype``; ``auto`` is the compute dtype of ``train.precision`` on :func:`model_device`."""
     if cfg.dtype == "auto":
         from lorakit.precision import resolve_precision
@@ -173,7 +169,7 @@ def load_model(cfg: ModelConfig, num_labels: int | None = None, label_names: lis
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict = dict(dtype=_dtype(cfg, precision), trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa")
+    kwargs: dict = dict(dtype=model_dtype(cfg, precision), trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa")
     if (qcfg := _quantization_config(cfg)) is not None:
         kwargs["quantization_config"] = qcfg
     if cfg.task == "seq_cls":

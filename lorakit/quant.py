@@ -110,8 +110,6 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Replace every bitsandbytes linear by an ``nn.Linear`` holding its dequantized weight, cast the
     floating tensors to ``dtype``, and clear the quantization markers (``config.quantization_config``,
     ``hf_quantizer``), so ``save_pretrained`` writes a plain model. Returns ``model``."""
-    from lorakit.inject import replace_module
-
     for name, module in list(model.named_modules()):
         if not is_quantized_linear(module):
             continue
@@ -119,7 +117,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         linear.weight = nn.Parameter(dequantize_weight(module).to(dtype), requires_grad=False)
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-        replace_module(model, name, linear)
+        model.set_submodule(name, linear)
     model.hf_quantizer = None
     for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "quantization_method"):
         model.__dict__.pop(attr, None)

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from lorakit.config import Recipe
+from lorakit.methods.config import LoraConfig
 
 SECTIONS = ("model", "method", "data", "train")
 
@@ -97,9 +98,21 @@ def base_method_config() -> type[BaseModel]:
     return Recipe.model_fields["method"].annotation
 
 
+def family_config(config: type[BaseModel]) -> type[BaseModel]:
+    """The shared config a method's config builds on: the A/B methods' (:class:`LoraConfig`) or every
+    method's."""
+    return LoraConfig if issubclass(config, LoraConfig) else base_method_config()
+
+
+def family_docs() -> list[FieldDoc]:
+    """The A/B methods' fields beyond every method's."""
+    shared = base_method_config().model_fields
+    return [doc for doc in section_docs(LoraConfig) if doc.name not in shared]
+
+
 def method_specific(config: type[BaseModel]) -> list[FieldDoc]:
     """The fields a method adds, and shared fields whose default or type it changes (``name`` aside)."""
-    base = base_method_config().model_fields
+    base = family_config(config).model_fields
     docs = []
     for doc in section_docs(config):
         shared = base.get(doc.name)
@@ -134,6 +147,9 @@ def markdown() -> str:
                     kind = row.type.replace("|", "\\|")
                     out.append(f"| `{name}` | `{row.name}` | {kind} | `{row.default}` | {row.description} |")
             out.append("")
+            family = [name for name, config in method_classes().items() if issubclass(config, LoraConfig)]
+            out += [f"**`method`: fields of the A/B methods** ({', '.join(family)})", ""]
+            out += _table(family_docs(), prefix="method.") + [""]
     top = field_doc("output_dir", Recipe.model_fields["output_dir"])
     out += ["**top level**", ""] + _table([top]) + [""]
     return "\n".join(out)

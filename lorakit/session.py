@@ -1,4 +1,18 @@
-"""Assembling a run: data, tokenizer, model, adapter — from a recipe or from a saved checkpoint."""
+"""A session: the recipe's data, tokenizer, model and method, with weights from one source.
+
+:func:`load_session` is the one way every command builds a model with its adapter: ``train`` (fresh,
+from a PEFT folder, or resumed from a checkpoint), ``eval``, ``merge``, ``export``, ``generate`` and
+``chat``. The weight source is one of
+
+- ``None``: the method's initial adapter (training starts here);
+- :class:`Checkpoint`: a lorakit checkpoint folder (a training checkpoint or a run's ``final``),
+  whose method state and ``adapter.safetensors`` are loaded (:mod:`lorakit.storage.checkpoint`);
+- :class:`PeftFolder`: a PEFT LoRA/DoRA folder; the method must accept it
+  (:meth:`~lorakit.methods.base.Method.imports_peft`), which also fills the recipe's r, lora_alpha,
+  use_rslora and target_modules (:mod:`lorakit.methods.peft_import`).
+
+:func:`load_run` reads a run folder or checkpoint's stored recipe and loads it with its checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +27,30 @@ from rich.table import Table
 from lorakit import trust
 from lorakit.config import Recipe, recipe_from_dict
 from lorakit.data import load_raw, tokenize
-from lorakit.methods import Method, build_method
-from lorakit.models import load_model, load_tokenizer, model_device
+from lorakit.device import model_device
+from lorakit.errors import LorakitError
+from lorakit.methods import Method, build_method, methods_for_peft
+from lorakit.methods.peft_import import fill_from_adapter, read_adapter_config
+from lorakit.models import load_model, load_tokenizer
 from lorakit.quant import prepare_kbit_model
-from lorakit.train import checkpoint as ckpt
+from lorakit.storage import checkpoint as ckpt
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A lorakit checkpoint folder: ``adapter.safetensors``, ``method.json``, ``recipe.yaml``."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class PeftFolder:
+    """A PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+
+    path: Path
+
+
+WeightSource = Checkpoint | PeftFolder | None
 
 
 @dataclass
@@ -25,7 +59,7 @@ class Session:
     model: torch.nn.Module
     tokenizer: Any
     method: Method
-    data: Any
+    data: Any  # lorakit.data.DataBundle, or None when loaded without data
     device: torch.device
 
 
@@ -48,37 +82,74 @@ def parameter_table(model: torch.nn.Module, method: Method) -> Table:
     return table
 
 
-def build_session(recipe: Recipe, console: Console, method_state: dict | None = None,
-                  peft_adapter: bool = True) -> Session:
-    """Load data, tokenizer and model, attach the recipe's method (restoring ``method_state``).
+def apply_adapter_config(recipe: Recipe, path: str | Path) -> dict:
+    """Check that the PEFT folder at ``path`` can start ``recipe.method`` and fill the method's r,
+    lora_alpha, use_rslora and target_modules from it (in place). Returns the adapter config.
 
-    With ``model.adapter`` (and ``peft_adapter``) the method's r/alpha/targets come from (or are checked
-    against) that PEFT folder, updating ``recipe.method`` in place, and its weights are loaded after attach
-    (:mod:`lorakit.peft_import`)."""
-    task = recipe.model.task
-    if recipe.model.adapter and peft_adapter:
-        from lorakit.peft_import import apply_adapter_config
+    Raises LorakitError naming model.adapter: not a PEFT folder, a method that cannot start from this
+    kind of adapter, or a recipe field set to another value than the adapter's."""
+    config = read_adapter_config(path)
+    allowed = methods_for_peft(config)
+    if recipe.method.name not in allowed:
+        kind = "a DoRA adapter (use_dora: true)" if config.get("use_dora") else "a LoRA adapter"
+        raise LorakitError(f"model.adapter {path} is {kind}; method.name must be {' or '.join(allowed)}, "
+                           f"not {recipe.method.name}")
+    fill_from_adapter(recipe.method, config, path)
+    return config
 
-        apply_adapter_config(recipe)  # fails before any model loads
-    raw = load_raw(recipe.data, task, recipe.train.seed)
-    tokenizer = load_tokenizer(recipe.model)
-    num_labels = len(raw.label_names) if task == "seq_cls" else None
-    torch.manual_seed(recipe.train.seed)
-    model = load_model(recipe.model, num_labels=num_labels, label_names=raw.label_names,
+
+def recipe_weights(recipe: Recipe) -> PeftFolder | None:
+    """Where a fresh run's adapter starts: the recipe's ``model.adapter`` PEFT folder, or None."""
+    return PeftFolder(Path(recipe.model.adapter)) if recipe.model.adapter else None
+
+
+def _load_weights(model: torch.nn.Module, method: Method, weights: WeightSource, console: Console | None) -> None:
+    if isinstance(weights, Checkpoint):
+        method.load_state_dict(ckpt.read_checkpoint_meta(weights.path)[1])
+        ckpt.load_adapter_weights(model, weights.path / ckpt.ADAPTER_FILE)
+    elif isinstance(weights, PeftFolder):
+        count = method.load_peft(model, weights.path)
+        if console is not None:
+            console.print(f"model.adapter: {count} tensors loaded from {weights.path}", soft_wrap=True)
+
+
+def load_base(recipe: Recipe, label_names: list[str] | None = None, trust_remote_code: bool | None = None):
+    """(model, tokenizer) of the recipe's base, without an adapter, on the CPU (a k-bit base where
+    bitsandbytes put it, prepared as QLoRA trains it: frozen, fp32 norms and head). ``label_names``:
+    a classification model's labels; ``trust_remote_code``: as in :func:`load_session`."""
+    mcfg = recipe.model if trust_remote_code is None else recipe.model.model_copy(
+        update={"trust_remote_code": trust_remote_code})
+    tokenizer = load_tokenizer(mcfg)
+    labels = label_names if mcfg.task == "seq_cls" else None
+    model = load_model(mcfg, num_labels=len(labels) if labels else None, label_names=label_names,
                        precision=recipe.train.precision)
-    data = tokenize(raw, recipe.data, tokenizer, task)
-    device = model_device()
-    method = build_method(recipe.method)
-    if recipe.model.quantization is not None:
+    if mcfg.quantization is not None:
         prepare_kbit_model(model)  # freeze, fp32 norms and head (QLoRA; any method over a k-bit base)
-    method.attach(model, task)
-    if recipe.model.adapter and peft_adapter:
-        from lorakit.peft_import import load_peft_weights
+    return model, tokenizer
 
-        count = load_peft_weights(model, method, recipe.model.adapter)
-        console.print(f"model.adapter: {count} tensors loaded from {recipe.model.adapter}", soft_wrap=True)
-    if method_state:
-        method.load_state_dict(method_state)
+
+def load_session(recipe: Recipe, weights: WeightSource = None, console: Console | None = None, *,
+                 with_data: bool = True, label_names: list[str] | None = None,
+                 trust_remote_code: bool | None = None) -> Session:
+    """Load data (unless ``with_data`` is off), tokenizer and model, attach the recipe's method and load
+    ``weights`` into it; the model ends on its device (a k-bit base stays where bitsandbytes put it).
+
+    ``label_names``: a classification model's labels when no data is loaded. ``trust_remote_code``: the
+    caller's decision on running a model folder's own code; None takes the recipe's
+    ``model.trust_remote_code``. A :class:`PeftFolder` updates ``recipe.method`` in place before any
+    model loads. Raises LorakitError (or RecipeError) with one line for every bad input."""
+    task = recipe.model.task
+    if isinstance(weights, PeftFolder):
+        apply_adapter_config(recipe, weights.path)  # fails before any model loads
+    raw = load_raw(recipe.data, task, recipe.train.seed) if with_data else None
+    labels = raw.label_names if raw is not None else label_names
+    torch.manual_seed(recipe.train.seed)
+    model, tokenizer = load_base(recipe, labels, trust_remote_code)
+    data = tokenize(raw, recipe.data, tokenizer, task) if raw is not None else None
+    method = build_method(recipe.method)
+    method.attach(model, task)
+    _load_weights(model, method, weights, console)
+    device = model_device()
     if recipe.model.quantization is None:
         model.to(device)
     if recipe.model.gradient_checkpointing:
@@ -87,21 +158,39 @@ def build_session(recipe: Recipe, console: Console, method_state: dict | None = 
     return Session(recipe, model, tokenizer, method, data, device)
 
 
-def load_checkpoint_session(run_or_checkpoint: str | Path, console: Console, overrides: dict | None = None,
-                            trust_remote_code: bool = False) -> tuple[Session, Path]:
-    """Rebuild the model of a saved checkpoint and load its adapter weights.
-
-    ``overrides`` replaces recipe sections (e.g. ``{"data": {...}}`` for ``eval --data``). Remote code
-    runs only with ``trust_remote_code`` (the user's flag), never on the stored recipe's word
-    (:mod:`lorakit.trust`). Raises LorakitError when the folder holds no checkpoint, or a stored file
-    is not valid or points outside the run folder.
-    """
-    path = ckpt.resolve_checkpoint(run_or_checkpoint)
-    recipe_data, method_state = ckpt.read_checkpoint_meta(path)
-    recipe_data = trust.stored_recipe(path, recipe_data, trust_remote_code, console)
+def run_recipe(checkpoint: Path, overrides: dict | None = None, trust_remote_code: bool = False,
+               console: Console | None = None) -> Recipe:
+    """The recipe stored in a checkpoint folder, made safe to load (:func:`lorakit.trust.stored_recipe`:
+    remote code only with the user's ``trust_remote_code``, the base the adapter was trained on), with
+    ``overrides`` replacing recipe sections' fields (e.g. ``{"data": {"source": ...}}`` for ``eval
+    --data``). Raises LorakitError / RecipeError naming the file."""
+    recipe_data, _ = ckpt.read_checkpoint_meta(checkpoint)
+    recipe_data = trust.stored_recipe(checkpoint, recipe_data, trust_remote_code, console)
     for section, values in (overrides or {}).items():
         recipe_data.setdefault(section, {}).update(values)
-    recipe = recipe_from_dict(recipe_data, origin=str(path / "recipe.yaml"))
-    session = build_session(recipe, console, method_state, peft_adapter=False)  # weights: the checkpoint's
-    ckpt.load_adapter_weights(session.model, path / ckpt.ADAPTER_FILE)
-    return session, path
+    return recipe_from_dict(recipe_data, origin=str(checkpoint / "recipe.yaml"))
+
+
+def load_run(run_or_checkpoint: str | Path, console: Console | None = None, overrides: dict | None = None,
+             trust_remote_code: bool = False, **options: Any) -> tuple[Session, Path]:
+    """(session, checkpoint folder) of a run folder (its ``final``, else its latest checkpoint) or a
+    checkpoint folder: the stored recipe (:func:`run_recipe`, with ``overrides`` and the user's
+    ``trust_remote_code``) and its weights, through :func:`load_session` (``options`` as there).
+    Raises LorakitError when the folder holds no checkpoint, or a stored file is not valid or points
+    outside the run folder."""
+    path = ckpt.resolve_checkpoint(run_or_checkpoint)
+    recipe = run_recipe(path, overrides, trust_remote_code, console)
+    return load_session(recipe, Checkpoint(path), console, **options), path
+
+
+def peft_folder_recipe(path: str | Path) -> Recipe:
+    """A recipe for a PEFT folder alone: its ``base_model_name_or_path`` with the first registered method
+    that accepts it. Raises LorakitError: no base named, or no method accepts the adapter."""
+    config = read_adapter_config(path)
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise LorakitError(f"{path}: adapter_config.json names no base_model_name_or_path")
+    names = methods_for_peft(config)
+    if not names:
+        raise LorakitError(f"{path}: no lorakit method reads this adapter (peft_type {config.get('peft_type')})")
+    return recipe_from_dict({"model": {"name_or_path": base, "adapter": str(path)}, "method": {"name": names[0]}})

@@ -24,7 +24,7 @@ from pathlib import Path
 from lorakit.errors import LorakitError
 
 TRUST_FLAG = "--trust-remote-code"
-ADAPTER_FILE = "adapter.safetensors"  # a checkpoint's adapter weights (lorakit.train.checkpoint)
+ADAPTER_FILE = "adapter.safetensors"  # a checkpoint's adapter weights (lorakit.storage.checkpoint)
 
 
 def inside(root: Path, path: Path, what: str) -> Path:

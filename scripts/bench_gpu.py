@@ -94,7 +94,7 @@ def quantize_nf4(model: nn.Module, device: torch.device) -> nn.Module:
     """Every linear layer but the LM head → bitsandbytes Linear4bit (NF4, double quant, bf16 compute)."""
     import bitsandbytes as bnb
 
-    from lorakit.inject import head_names, replace_module
+    from lorakit.methods.inject import head_names, replace_module
 
     heads = head_names(model)
     for name, mod in list(model.named_modules()):
@@ -405,8 +405,8 @@ def profile_steps(args, shape, label, setup, device, vocab, out_dir):
 
 def dora_selfcheck(device) -> dict:
     """DoraScale (Triton on CUDA) against fp64: relative errors of y, ∂t and ∂scale."""
-    from lorakit.fast import triton_ops
-    from lorakit.fast.ops import dora_scale
+    from lorakit.methods import triton_ops
+    from lorakit.methods.ops import dora_scale
 
     g = torch.Generator(device=device).manual_seed(0)
     t = torch.randn(4099, 1000, device=device, generator=g).bfloat16().requires_grad_()

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from lorakit.cli import app
 from lorakit.config import ModelConfig, recipe_from_dict
-from lorakit.export import export_lora_family, peft_target_modules, write_peft_folder
+from lorakit.methods.peft_export import export_lora_family, peft_target_modules
+from lorakit.storage.peft import write_peft_folder
 from lorakit.methods.base import Method
 from lorakit.methods.lora import LoraLayer
 from lorakit.models import load_model

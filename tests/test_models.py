@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lorakit.config import ModelConfig
 from lorakit.errors import LorakitError
-from lorakit.models import load_model, load_tokenizer, model_device, resolve_model_path
+from lorakit.device import model_device
+from lorakit.models import load_model, load_tokenizer, resolve_model_path
 from lorakit.precision import resolve_precision
 
 WORDS = ["<unk>", "<eos>", "the", "capital", "of", "france", "is", "paris", "a", "city"]

@@ -1,4 +1,4 @@
-"""``model.adapter`` (lorakit.peft_import): a PEFT LoRA / DoRA folder saved by peft itself, with random
+"""``model.adapter`` (lorakit.methods.peft_import, lorakit.session): a PEFT LoRA / DoRA folder saved by peft itself, with random
 weights, loaded into lorakit's model gives PEFT's logits; mismatches are clear errors."""
 
 import json
@@ -12,8 +12,8 @@ from rich.console import Console
 from lorakit.config import recipe_from_dict
 from lorakit.errors import LorakitError
 from lorakit.methods import build_method
-from lorakit.peft_import import apply_adapter_config, load_peft_weights
-from lorakit.session import build_session, load_checkpoint_session
+from lorakit.methods.peft_import import load_peft_weights
+from lorakit.session import apply_adapter_config, load_run, load_session, recipe_weights
 from lorakit.train.loop import Trainer
 from tests.conftest import TINY_MODELS, tiny_inputs
 from tests.test_quant import save_tiny
@@ -42,7 +42,7 @@ def peft_adapter(folder, kind="llama", **config):
 
 def lorakit_model(folder, kind="llama", method=None, task="causal_lm"):
     recipe = recipe_from_dict({"model": {"adapter": str(folder), "task": task}, "method": method or {"name": "lora"}})
-    apply_adapter_config(recipe)
+    apply_adapter_config(recipe, folder)
     model = TINY_MODELS[kind](0)
     m = build_method(recipe.method)
     m.attach(model, task)
@@ -92,7 +92,7 @@ def test_mismatches_name_model_adapter(tmp_path):
 
 
 def test_train_session_starts_from_the_adapter(tmp_path):
-    """Through build_session on a saved tiny base: the model is PEFT's before any step, the recipe records
+    """Through load_session on a saved tiny base: the model is PEFT's before any step, the recipe records
     the adapter's r, and a checkpoint session does not need the adapter folder."""
     save_tiny(tmp_path, texts=20)
     expected = peft_adapter(tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["k_proj"])
@@ -103,11 +103,11 @@ def test_train_session_starts_from_the_adapter(tmp_path):
         "train": {"max_steps": 1, "batch_size": 4, "num_samples": 0, "precision": "fp32"},  # PEFT's fp32 at 2e-5
         "output_dir": str(tmp_path / "run"),
     })
-    session = build_session(recipe, QUIET)
+    session = load_session(recipe, recipe_weights(recipe), QUIET)
     assert recipe.method.r == 2 and session.recipe.method.target_modules == ["k_proj"]
     torch.testing.assert_close(logits(session.model), expected, rtol=0, atol=2e-5)
     Trainer(session.model, session.tokenizer, session.method, session.data, recipe, session.device, QUIET).train()
     shutil.rmtree(tmp_path / "adapter")
-    reloaded, _ = load_checkpoint_session(tmp_path / "run", QUIET)
+    reloaded, _ = load_run(tmp_path / "run", QUIET)
     assert reloaded.method.cfg.r == 2
     torch.testing.assert_close(logits(reloaded.model), logits(session.model), rtol=0, atol=0)

@@ -1,8 +1,8 @@
-"""Performance pieces used by ``lorakit train`` (measured in docs/benchmarks.md, scripts/bench_gpu.py).
+"""Model-level performance pieces used by ``lorakit train`` (measured in docs/benchmarks.md, scripts/bench_gpu.py).
 
 - :mod:`lorakit.fast.cross_entropy`: causal-LM loss as a chunked linear + cross-entropy (no
   full-vocabulary fp32 logits), ``train.cross_entropy`` (auto | chunked | liger | full).
-- :mod:`lorakit.fast.ops`: the LoRA branch added by one ``addmm``; DoRA's rescaling in one pass.
+- :mod:`lorakit.fast.attention`: fp32 attention for a bf16 model on CPU.
 - :mod:`lorakit.fast.kernels`: liger-kernel RMSNorm/SwiGLU (``train.kernels``), ``torch.compile``
   of decoder layers (``train.compile``).
 

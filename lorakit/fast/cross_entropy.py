@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.device import to_device
+
 CHUNK_BYTES = 2**29  # fp32 logits per chunk: 512 MiB
 LIGER_CHUNK_ROWS = 1024  # liger's default (chunk logits ≈ hidden size) reads the head 128× at V/d = 170
 IGNORE = -100
@@ -165,8 +167,6 @@ def causal_lm_loss(model: nn.Module, batch: dict, num_items: int, impl: str = "c
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
     rows, targets = loss_rows(cpu_labels if cpu_labels is not None else batch["labels"])
     if rows.device != hidden.device:
-        from lorakit.evaluate import to_device  # pinned, non-blocking to a GPU
-
         moved = to_device({"rows": rows, "targets": targets}, hidden.device)
         rows, targets = moved["rows"], moved["targets"]
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)

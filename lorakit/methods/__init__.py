@@ -1,44 +1,20 @@
-"""The method registry: one module per method, one ``register`` line each."""
+"""The adapter methods: one module per method, each adding itself to the registry with ``@register``.
+
+Importing this package imports every module in it, so the registry is complete; the recipe schema
+(:mod:`lorakit.config`) and every command find a method through :func:`get_method_class` by name.
+"""
 
 from __future__ import annotations
 
-import difflib
+import importlib
+import pkgutil
 
-from lorakit.errors import RecipeError
 from lorakit.methods.base import AdapterLayer, Method
+from lorakit.methods.config import LoraConfig, MethodConfig
+from lorakit.methods.registry import REGISTRY, build_method, get_method_class, methods_for_peft, register
 
-REGISTRY: dict[str, type[Method]] = {}
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: (i.name != "lora", i.name)):
+    importlib.import_module(f"{__name__}.{_info.name}")
 
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method to the registry under ``cls.name``."""
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_method_class(name: str) -> type[Method]:
-    """The registered method called ``name``. Raises RecipeError naming the allowed names."""
-    if name not in REGISTRY:
-        close = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
-        hint = f" (did you mean `{close[0]}`?)" if close else ""
-        raise RecipeError(f"method.name = {name!r} is not a method{hint}; allowed: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
-
-
-def build_method(cfg) -> Method:
-    return get_method_class(cfg.name)(cfg)
-
-
-def _discover() -> None:
-    """Import every module of this package; each registers its method(s) with ``@register``."""
-    import importlib
-    import pkgutil
-
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: (i.name != "lora", i.name)):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
-_discover()
-
-__all__ = ["REGISTRY", "AdapterLayer", "Method", "build_method", "get_method_class", "register"]
+__all__ = ["REGISTRY", "AdapterLayer", "LoraConfig", "Method", "MethodConfig", "build_method",
+           "get_method_class", "methods_for_peft", "register"]

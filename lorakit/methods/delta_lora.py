@@ -18,7 +18,7 @@ low-precision matmul. Only the *parameters* are detached: the gradient still flo
 term, as it would through the updated W. The whole branch is one rank-3r LoRA product
 s·[B, sg(B) − B_K, B_K]·([A; λ·sg(A); λ·(sg(A) − A_K)] x) (:meth:`DeltaLoraLayer.delta_factors`; A and
 B only in the first block, so their gradients are those of s·BAx), added to the base output by LoRA's
-one ``addmm`` (:func:`lorakit.fast.ops.lora_into`) where the dtypes allow it.
+one ``addmm`` (:func:`lorakit.methods.ops.lora_into`) where the dtypes allow it.
 
 Init: A Kaiming-uniform (U(±1/√in)), B zeros, snapshots zeros (unused until taken); s = lora_alpha / r
 (rsLoRA: / √r); λ = ``delta_lambda`` (2), K = ``delta_start_step`` (500). No dropout on the LoRA path
@@ -38,14 +38,15 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from lorakit.config import MethodConfig
-from lorakit.fast.ops import can_fuse, lora_into
-from lorakit.methods import register
+from lorakit.methods.config import LoraConfig
+from lorakit.methods.ops import can_fuse, lora_into
+from lorakit.methods.registry import register
 from lorakit.methods.base import Method
 from lorakit.methods.lora import LoraLayer, adapter_input
+from lorakit.methods.peft_export import lora_export
 
 
-class DeltaLoraConfig(MethodConfig):
+class DeltaLoraConfig(LoraConfig):
     """LoRA's fields plus λ (``delta_lambda``) and K (``delta_start_step``); ``lora_dropout`` must be 0."""
 
     name: str = "delta_lora"
@@ -132,8 +133,6 @@ class DeltaLora(Method):
 
     def export_peft(self, model: nn.Module):
         """PEFT LoRA of rank 2r with scaling 1 (r = lora_alpha = 2r): B', A' from :func:`as_lora`."""
-        from lorakit.export import lora_export
-
         pairs = {path: as_lora(layer)[:2] for path, layer in self.layers.items()}
         rank = 2 * self.cfg.r
         config, tensors = lora_export(self, model, pairs, rank, rank, False)

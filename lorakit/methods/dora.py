@@ -24,8 +24,8 @@ writes this layer's base weight. W0Aᵀ ``(out, r)`` is the base layer applied t
 bias, so a 4-bit base is never dequantized; AAᵀ is ``(r, r)``. On a bf16/fp16 base W0Aᵀ is computed in
 the base's dtype (A cast to it) and then accumulated in fp32.
 
-Speed (dropout inactive, dtypes as :func:`lorakit.fast.ops.can_fuse` requires): t = W0x + b + s·BAx comes
-from one ``addmm`` onto the base output and σ ⊙ (t − b) + b from :class:`lorakit.fast.ops.DoraScale`,
+Speed (dropout inactive, dtypes as :func:`lorakit.methods.ops.can_fuse` requires): t = W0x + b + s·BAx comes
+from one ``addmm`` onto the base output and σ ⊙ (t − b) + b from :class:`lorakit.methods.ops.DoraScale`,
 which saves t in its own dtype (no fp32 copies of full-width activations); equal to the plain
 formula up to rounding (tests/fast/test_ops.py states the tolerance).
 
@@ -38,11 +38,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.config import MethodConfig
-from lorakit.fast.ops import can_fuse, dora_scale, lora_into
-from lorakit.methods import register
+from lorakit.methods.config import LoraConfig
+from lorakit.methods.ops import can_fuse, dora_scale, lora_into
+from lorakit.methods.registry import register
 from lorakit.methods.base import Method, base_weight
 from lorakit.methods.lora import LoraLayer, adapter_input
+from lorakit.methods.peft_export import lora_export
 
 
 def _note_base_reload(module: "DoraLayer", state_dict: dict, prefix: str, *args) -> None:
@@ -61,7 +62,7 @@ def _refresh_norm(module: "DoraLayer", incompatible_keys) -> None:
 class DoraLayer(LoraLayer):
     """A LoRA layer with a trainable per-row ``magnitude`` (out,) and a detached row-norm rescaling."""
 
-    def __init__(self, base_layer: nn.Module, cfg: MethodConfig):
+    def __init__(self, base_layer: nn.Module, cfg: LoraConfig):
         super().__init__(base_layer, cfg)
         self.register_buffer("weight_norm_sq", self._base_norm_sq(), persistent=False)
         self.magnitude = nn.Parameter(self.weight_norm_sq.sqrt().clone())
@@ -131,13 +132,17 @@ class Dora(Method):
     name = "dora"
     paper = "Liu et al. 2024, arXiv 2402.09353"
     trains = "lora_A, lora_B, magnitude"
+    config_class = LoraConfig
     layer_class = DoraLayer
     mergeable = True
 
+    @classmethod
+    def imports_peft(cls, config: dict) -> bool:
+        """A PEFT LoRA folder with ``use_dora`` (``lora_magnitude_vector`` → ``magnitude``)."""
+        return config.get("peft_type") == "LORA" and bool(config.get("use_dora"))
+
     def export_peft(self, model: nn.Module):
         """PEFT LoRA with ``use_dora``: m → ``lora_magnitude_vector`` ``(out,)``."""
-        from lorakit.export import lora_export
-
         cfg, layers = self.cfg, self.layers
         pairs = {p: (l.lora_A.weight, l.lora_B.weight) for p, l in layers.items()}
         mags = {p: l.magnitude for p, l in layers.items()}

@@ -19,7 +19,7 @@ W ← W0 + s_b · B[:, :b] A[:b] — exactly a plain LoRA of rank b. Trainable p
 
 Speed (same math): the branch runs at the full width r with the columns ≥ b of B zeroed
 (B[:, :b] A[:b] = B·diag(1_{i<b})·A exactly), so every step has LoRA's matrix shapes, and is added to the
-base output by LoRA's one ``addmm`` (:func:`lorakit.fast.ops.lora_into`) where the dtypes allow it; the
+base output by LoRA's one ``addmm`` (:func:`lorakit.methods.ops.lora_into`) where the dtypes allow it; the
 rows/columns that must not learn get their gradient zeroed by a mask instead of being cut off by
 slicing and concatenation. In training the masks and s_b live in small device tensors that
 :meth:`DyLora.start_step` overwrites in place (:class:`RankMasks`), so the layers read no Python
@@ -36,12 +36,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from lorakit.config import MethodConfig
+from lorakit.methods.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.fast.ops import can_fuse, lora_into
-from lorakit.methods import register
+from lorakit.methods.ops import can_fuse, lora_into
+from lorakit.methods.registry import register
 from lorakit.methods.base import Method
 from lorakit.methods.lora import LoraLayer, adapter_input
+from lorakit.methods.peft_export import lora_export
 
 class RankMasks:
     """The training rank b of one step as device tensors, rewritten in place each step (same objects,
@@ -59,7 +60,7 @@ class RankMasks:
         self.scale.copy_(torch.where(i < b, s, 0.0))
 
 
-class DyLoraConfig(MethodConfig):
+class DyLoraConfig(LoraConfig):
     """LoRA's fields (``r`` is r_max) plus ``update``: ``frozen`` (only rank b learns) or ``all``."""
 
     name: str = "dylora"
@@ -177,8 +178,6 @@ class DyLora(Method):
 
     def export_peft(self, model: nn.Module):
         """Plain PEFT LoRA of the current rank b (:meth:`set_rank`): A[:b], B[:, :b], s_b = α/b (rsLoRA: α/√b)."""
-        from lorakit.export import lora_export
-
         b, cfg = self.rank, self.cfg
         pairs = {p: (l.lora_A.weight[:b], l.lora_B.weight[:, :b]) for p, l in self.layers.items()}
         return lora_export(self, model, pairs, b, cfg.lora_alpha, cfg.use_rslora)

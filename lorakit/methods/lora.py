@@ -7,8 +7,8 @@ Shapes: x ``(..., in)``, ``lora_A.weight`` A ``(r, in)`` Kaiming-uniform (a=√5
 Merge: W ← W0 + s·BA, the product in fp32 and cast once. Trainable parameters per layer: r·(in + out).
 
 Speed: unless a subclass overrides :meth:`LoraLayer.lora_output`, the branch is added to the base output
-by one ``addmm`` (:func:`lorakit.fast.ops.lora_into`: the GEMM epilogue applies s and adds), when the
-dtypes allow it (:func:`lorakit.fast.ops.can_fuse`); the result equals the plain path up to rounding.
+by one ``addmm`` (:func:`lorakit.methods.ops.lora_into`: the GEMM epilogue applies s and adds), when the
+dtypes allow it (:func:`lorakit.methods.ops.can_fuse`); the result equals the plain path up to rounding.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.config import MethodConfig
-from lorakit.fast.ops import can_fuse, lora_into
-from lorakit.methods import register
 from lorakit.methods.base import AdapterLayer, Method, kaiming_uniform_
+from lorakit.methods.config import LoraConfig
+from lorakit.methods.ops import can_fuse, lora_into
+from lorakit.methods.registry import register
 
 
 def adapter_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def adapter_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class LoraLayer(AdapterLayer):
     """``base_layer`` plus s·B(A dropout(x)); the parent of every A/B method's layer."""
 
-    def __init__(self, base_layer: nn.Module, cfg: MethodConfig):
+    def __init__(self, base_layer: nn.Module, cfg: LoraConfig):
         super().__init__(base_layer)
         self.r = cfg.r
         self.scaling = cfg.scaling
@@ -59,10 +59,25 @@ class LoraLayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
+    def ratio_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_B.weight]
+
+    def is_plain_lora(self, strict: bool = True) -> bool:
+        cls = type(self)
+        same = (cls.adapter_forward is LoraLayer.adapter_forward and cls.delta_weight is LoraLayer.delta_weight
+                and cls.merged_weight is AdapterLayer.merged_weight)
+        return same and (not strict or cls.lora_output is LoraLayer.lora_output)
+
 
 @register
 class Lora(Method):
     name = "lora"
     paper = "Hu et al. 2021, arXiv 2106.09685"
     trains = "lora_A, lora_B"
+    config_class = LoraConfig
     layer_class = LoraLayer
+
+    @classmethod
+    def imports_peft(cls, config: dict) -> bool:
+        """A PEFT LoRA folder without ``use_dora`` starts this method (and its subclasses)."""
+        return config.get("peft_type") == "LORA" and not config.get("use_dora")

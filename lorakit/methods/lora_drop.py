@@ -34,17 +34,17 @@ from pydantic import Field
 from rich.table import Table
 from torch import nn
 
-from lorakit.config import MethodConfig
+from lorakit.methods.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.methods import register
+from lorakit.methods.registry import register
 from lorakit.methods.base import Method, kaiming_uniform_
-from lorakit.methods import lora_drop_select as sel
+import lorakit.methods.lora_drop_select as sel
 from lorakit.methods.lora import LoraLayer
 
 SELECTION_FILE = "lora_drop_selection.json"
 
 
-class LoraDropConfig(MethodConfig):
+class LoraDropConfig(LoraConfig):
     sample_fraction: float = Field(0.1, gt=0, le=1, description="share of the training data the selection pass sees")
     threshold: float = Field(0.9, gt=0, le=1, description="keep the most important modules until their summed importance reaches this share (§3)")
     reinit: bool = Field(True, description="after selection, re-initialize the kept pairs and restore the head (else kept pairs keep their training)")

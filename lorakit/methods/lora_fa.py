@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from lorakit.config import MethodConfig
-from lorakit.methods import register
-from lorakit.methods.base import Method
-from lorakit.methods.lora import LoraLayer, adapter_input
+from lorakit.methods.config import LoraConfig
+from lorakit.methods.registry import register
+from lorakit.methods.lora import Lora, LoraLayer, adapter_input
+from lorakit.methods.peft_export import export_lora_family
 
 
-class LoraFaConfig(MethodConfig):
+class LoraFaConfig(LoraConfig):
     """LoRA's fields plus ``gradient_projection`` (g_B ← g_B (AAᵀ)⁻¹ / s², default off)."""
 
     name: str = "lora_fa"
@@ -127,7 +127,7 @@ class LoraFaLayer(LoraLayer):
 
 
 @register
-class LoraFa(Method):
+class LoraFa(Lora):
     name = "lora_fa"
     paper = "Zhang et al. 2023, arXiv 2308.03303"
     trains = "lora_B (lora_A frozen at its random init)"
@@ -142,6 +142,4 @@ class LoraFa(Method):
 
     def export_peft(self, model: nn.Module):
         """PEFT LoRA (its own ``lora_output`` only saves memory; the math is LoRA's)."""
-        from lorakit.export import export_lora_family
-
         return export_lora_family(self, model, strict=False)

@@ -7,7 +7,8 @@ Parameters, shapes, init, scaling and merge are exactly LoRA's (``lorakit.method
 lr_B = λ·lr_A with λ = ``loraplus_lr_ratio`` λ ≫ 1 (the paper's infinite-width analysis: equal rates
 do not learn features efficiently; its experiments recommend λ ≈ 2⁴ for LLMs), so this method
 defaults λ to 16 and requires one.
-The groups (:func:`lorakit.train.optim.build_param_groups`): A and other ≥2-D trainables at lr; B
+The groups (:func:`lorakit.methods.param_groups.build_param_groups`, asked by every A/B method's
+:meth:`~lorakit.methods.base.Method.param_groups`): A and other ≥2-D trainables at lr; B
 and 1-D trainables at λ·lr; adapters on embeddings at ``loraplus_lr_embedding``; every ≥2-D group
 decays by ``train.weight_decay``, 1-D tensors never. Any A/B method gets the same groups by setting
 ``loraplus_lr_ratio`` in its recipe; ``lora_plus`` is the named, defaulted form for plain LoRA.
@@ -18,15 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import Field, field_validator
-from torch import nn
 
-from lorakit.config import MethodConfig, TrainConfig
-from lorakit.methods import register
-from lorakit.methods.base import Method
-from lorakit.methods.lora import LoraLayer
+from lorakit.methods.config import LoraConfig
+from lorakit.methods.registry import register
+from lorakit.methods.lora import Lora, LoraLayer
 
 
-class LoraPlusConfig(MethodConfig):
+class LoraPlusConfig(LoraConfig):
     """LoRA's fields; ``loraplus_lr_ratio`` (λ = lr_B / lr_A) defaults to 16 and cannot be null."""
 
     name: str = "lora_plus"
@@ -42,15 +41,9 @@ class LoraPlusConfig(MethodConfig):
 
 
 @register
-class LoraPlus(Method):
+class LoraPlus(Lora):
     name = "lora_plus"
     paper = "Hayou et al. 2024, arXiv 2402.12354"
     trains = "lora_A (lr), lora_B (λ·lr)"
     config_class = LoraPlusConfig
     layer_class = LoraLayer
-
-    def param_groups(self, model: nn.Module, train: TrainConfig) -> list[dict]:
-        """A and other ≥2-D at lr, B and 1-D at λ·lr (see :mod:`lorakit.train.optim`)."""
-        from lorakit.train.optim import build_param_groups
-
-        return build_param_groups(model, train, self.cfg)

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from lorakit.config import MethodConfig
-from lorakit.methods import register
+from lorakit.methods.config import LoraConfig
+from lorakit.methods.registry import register
 from lorakit.methods.lora import Lora
 
 
-class QLoraConfig(MethodConfig):
+class QLoraConfig(LoraConfig):
     """LoRA's fields with QLoRA's defaults (paper §4 / Appendix B.2)."""
 
     name: str = "qlora"

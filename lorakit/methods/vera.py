@@ -7,7 +7,7 @@ One pair of frozen random matrices is shared by every adapted layer; each layer 
 Shapes: x ``(..., in)``; shared ``vera_A`` A ``(r, in_max)`` and ``vera_B`` B ``(out_max, r)``, sized to the
 largest in/out over the adapted layers and sliced per layer; ``vera_lambda_d`` λ_d ``(r,)`` initialized to
 ``d_initial`` (0.1); ``vera_lambda_b`` λ_b ``(out,)`` zeros, so the layer is a no-op at init. x̃ =
-dropout(x) with ``lora_dropout``. No α scaling: ``lora_alpha`` and ``use_rslora`` are ignored. Default
+dropout(x) with ``lora_dropout``. No α scaling: ``lora_alpha`` and ``use_rslora`` are refused. Default
 r = 256. Trainable per layer: r + out.
 
 A and B are Kaiming-uniform with gain √2, i.e. U(±√(6/fan_in)) (fan_in = in_max for A, r for B), drawn
@@ -20,9 +20,8 @@ the first layer's name) when ``save_projection`` is true (PEFT's default) and no
 
 Merge: ΔW = diag(λ_b) · B[:out] · diag(λ_d) · A[:, :in], in fp32 and cast once.
 
-LoRA+ (``loraplus_lr_ratio`` λ): both trainables are 1-D, so lorakit's groups put both at λ·lr without
-weight decay; for VeRA LoRA+ therefore reduces to multiplying the learning rate by λ. That is accepted
-and documented rather than special-cased (the LoRA+ analysis is about the A/B pair, which VeRA freezes).
+LoRA+ (``loraplus_lr_ratio``) is refused: its analysis is about the trained A/B pair, which VeRA
+freezes (on VeRA's two 1-D vectors it would only multiply the learning rate).
 """
 
 from __future__ import annotations
@@ -31,14 +30,21 @@ import math
 
 import torch
 import torch.nn.functional as F
+from typing import Any
+
 from pydantic import Field, model_validator
 from torch import nn
 
-from lorakit.config import MethodConfig
 from lorakit.errors import LorakitError
-from lorakit.methods import register
 from lorakit.methods.base import AdapterLayer, Method, layer_shape
+from lorakit.methods.config import MethodConfig
+from lorakit.methods.inject import find_targets
 from lorakit.methods.lora import adapter_input
+from lorakit.methods.peft_export import PREFIX, base_config, head_tensors
+from lorakit.methods.registry import register
+
+# A/B-method fields VeRA cannot honour, with the value a recipe saved before VeRA refused them carried
+A_B_FIELDS = {"use_rslora": False, "loraplus_lr_ratio": None, "loraplus_lr_embedding": 1e-6}
 
 
 class VeraConfig(MethodConfig):
@@ -47,13 +53,24 @@ class VeraConfig(MethodConfig):
     save_projection: bool = Field(True, description="store the projections with the adapter (else rebuilt from the seed)")
     d_initial: float = Field(0.1, description="initial value of the vector vera_lambda_d (§3.1)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_a_b_fields(cls, data: Any) -> Any:
+        """Refuse the A/B methods' fields (saved defaults pass): rsLoRA and LoRA+ act on a trained A/B pair."""
+        if not isinstance(data, dict):
+            return data
+        for name, saved in A_B_FIELDS.items():
+            if name in data and data[name] != saved:
+                why = "VeRA has no alpha scaling" if name == "use_rslora" else "VeRA trains no A/B pair"
+                raise ValueError(f"method.{name}: {why} (its trainable vectors scale the update); remove the field")
+        return {k: v for k, v in data.items() if k not in A_B_FIELDS}
+
     @model_validator(mode="after")
     def _no_alpha_scaling(self) -> "VeraConfig":
-        """VeRA has no α scaling (§3): a recipe that sets lora_alpha or use_rslora would expect an effect."""
-        for name in ("lora_alpha", "use_rslora"):  # a saved recipe carries the defaults: those pass
-            if getattr(self, name) != type(self).model_fields[name].default:
-                raise ValueError(f"method.{name}: VeRA has no alpha scaling (its trainable vectors scale the "
-                                 "update); remove the field")
+        """VeRA has no α scaling (§3): a recipe that sets lora_alpha would expect an effect."""
+        if self.lora_alpha != type(self).model_fields["lora_alpha"].default:  # a saved recipe carries it
+            raise ValueError("method.lora_alpha: VeRA has no alpha scaling (its trainable vectors scale the "
+                             "update); remove the field")
         return self
 
 
@@ -132,8 +149,6 @@ class Vera(Method):
     def export_peft(self, model: nn.Module):
         """PEFT VeRA: ``vera_lambda_b`` ``(out,)`` / ``vera_lambda_d`` ``(r,)`` per layer, the shared
         projection once as ``base_model.vera_A`` ``(r, in_max)`` / ``base_model.vera_B`` ``(out_max, r)``."""
-        from lorakit.export import PREFIX, base_config, head_tensors
-
         cfg, proj = self.cfg, self.projection
         config = base_config(self, model, "VERA")
         config.update(r=cfg.r, projection_prng_key=proj.seed, save_projection=True,
@@ -152,8 +167,6 @@ class Vera(Method):
 
         Raises LorakitError if nothing matches ``target_modules``.
         """
-        from lorakit.inject import find_targets
-
         bases = [model.get_submodule(n) for n in find_targets(model, self.cfg.target_modules)]
         shapes = [layer_shape(m) for m in bases]
         in_max, out_max = max(s[0] for s in shapes), max(s[1] for s in shapes)

@@ -19,11 +19,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lorakit.config import recipe_to_dict
-from lorakit.evaluate import evaluate_model, to_device, without_causal_padding_mask
-from lorakit.fast import accelerate, causal_lm_loss, resolve_cross_entropy
+from lorakit.data.batches import MicroBatches, iterate_batches
+from lorakit.device import synchronize
+from lorakit.evaluate import evaluate_model
+from lorakit.fast import accelerate, resolve_cross_entropy
 from lorakit.fast.kernels import compile_mode, decoder_layers
-from lorakit.precision import autocast, recipe_precision
-from lorakit.train import checkpoint as ckpt
+from lorakit.loss import batch_loss, count_loss_items
+from lorakit.precision import recipe_precision
+from lorakit.storage import checkpoint as ckpt
+from lorakit.storage.peft import write_peft_folder
 from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.stats import StepStats, skips_nonfinite_on_device
 
@@ -45,49 +49,13 @@ class TrainContext:
         return iterate_batches(dataset, self.data.collate, batch_size, seed)
 
 
-def iterate_batches(dataset, collate, batch_size: int, seed: int | None) -> Iterator[dict]:
-    """Collated batches of ``dataset``; shuffled by ``seed`` (None keeps the order)."""
-    n = len(dataset)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(n)
-    for start in range(0, n, batch_size):
-        yield collate([dataset[int(i)] for i in order[start : start + batch_size]])
-
-
-class MicroBatches:
-    """Micro-batch number k (counting from 0 across epochs) in a fixed order: epoch e uses seed + e."""
-
-    def __init__(self, dataset, collate, batch_size: int, seed: int):
-        self.dataset, self.collate, self.batch_size, self.seed = dataset, collate, batch_size, seed
-        self.per_epoch = math.ceil(len(dataset) / batch_size)
-        self._epoch, self._order = -1, None
-
-    def __getitem__(self, k: int) -> dict:
-        epoch, pos = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._order = epoch, torch.randperm(len(self.dataset), generator=gen)
-        idx = self._order[pos * self.batch_size : (pos + 1) * self.batch_size]
-        return self.collate([self.dataset[int(i)] for i in idx])
-
-
 def count_tokens(batch: dict) -> int:
     """Tokens of a batch, padding excluded where an attention mask marks it."""
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
-def count_loss_items(batch: dict, task: str) -> int:
-    """Tokens that carry loss (causal LM, shifted by one) or examples (classification)."""
-    labels = batch["labels"]
-    return labels.numel() if task == "seq_cls" else int((labels[:, 1:] != -100).sum())
-
-
 CUDA_GRAPH_PAD = 64  # train.compile cudagraphs: batch widths rounded up to a multiple of this
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StepLog:
@@ -149,23 +117,11 @@ class Trainer:
 
     # ---- pieces ---------------------------------------------------------------------------------
     def loss(self, batch: dict, num_items: int | None = None) -> torch.Tensor:
-        """Loss of one batch: the sum over loss items divided by ``num_items`` (default: its own)."""
-        batch = without_causal_padding_mask(batch, self.task)
-        items = num_items or count_loss_items(batch, self.task)
-        cpu_labels = batch["labels"]
-        batch = to_device(batch, self.device)
-        if self.cuda_graphs:  # a new iteration: earlier graph outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast(self.device, self.precision):
-            if self.task == "seq_cls":
-                logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-                return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum") / items
-            if self.cross_entropy != "full":  # chunked linear + CE: no full-vocabulary logits
-                loss = causal_lm_loss(self.model, batch, items, self.cross_entropy, cpu_labels)
-                if loss is not None:
-                    return loss
-            # use_cache=False: a cache would make packed rows attend across examples (see lorakit.data).
-            return self.model(**batch, num_items_in_batch=items, use_cache=False).loss
+        """Loss of one batch (:func:`lorakit.loss.batch_loss`, as evaluation computes it): the sum over
+        loss items divided by ``num_items`` (default: its own)."""
+        out = batch_loss(self.model, batch, self.task, self.device, self.cross_entropy, self.precision,
+                         new_graph_step=self.cuda_graphs)  # a new iteration: graph outputs may be overwritten
+        return out.summed / (num_items or out.items)
 
     def evaluate(self, **options) -> dict:
         bs = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
@@ -197,8 +153,6 @@ class Trainer:
 
     def _save_peft(self, folder: Path) -> None:
         """A PEFT-format copy of the final adapter, when the method has a PEFT equivalent."""
-        from lorakit.export import write_peft_folder
-
         try:
             write_peft_folder(folder, self.model, self.method, self.recipe)
         except Exception as err:  # the run is saved already; a failed extra copy must not lose it

@@ -12,8 +12,8 @@ from lorakit.config import load_recipe, recipe_to_dict
 from lorakit.errors import LorakitError
 from lorakit.evaluate import generate_samples
 from lorakit.precision import recipe_precision
-from lorakit.session import build_session, parameter_table
-from lorakit.train import checkpoint as ckpt
+from lorakit.session import Checkpoint, load_session, parameter_table, recipe_weights
+from lorakit.storage import checkpoint as ckpt
 from lorakit.train.loop import Trainer
 
 
@@ -84,11 +84,10 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
     recipe = load_recipe(recipe_path, overrides)
     run_dir = Path(recipe.output_dir)
     latest = ckpt.latest_checkpoint(run_dir)
-    method_state = None
     if resume:
         if latest is None:
             raise LorakitError(f"--resume: output_dir {run_dir} has no checkpoint to resume from")
-        saved_recipe, method_state = ckpt.read_checkpoint_meta(latest)
+        saved_recipe, _ = ckpt.read_checkpoint_meta(latest)
         check_resumable(saved_recipe, recipe_to_dict(recipe), latest)
         step = json.loads((latest / "trainer.json").read_text())["step"]
         keep_metrics_until(run_dir / "metrics.jsonl", step)
@@ -98,9 +97,7 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
             f"output_dir (e.g. output_dir={run_dir}-2)"
         )
     track.check_installed(recipe.train.report_to)  # a missing tracker fails before the model loads
-    session = build_session(recipe, console, method_state)
-    if resume:
-        ckpt.load_adapter_weights(session.model, latest / ckpt.ADAPTER_FILE)
+    session = load_session(recipe, Checkpoint(latest) if resume else recipe_weights(recipe), console)
     console.print(parameter_table(session.model, session.method))
     trainer = Trainer(session.model, session.tokenizer, session.method, session.data, recipe,
                       session.device, console)

@@ -8,7 +8,7 @@ import torch
 
 from lorakit.config import recipe_from_dict
 from lorakit.methods import build_method
-from lorakit.train.checkpoint import adapter_state_dict, load_adapter_weights
+from lorakit.storage.checkpoint import adapter_state_dict, load_adapter_weights
 from tests.conftest import TINY_MODELS, tiny_inputs
 
 TASK = {"llama": "causal_lm", "gpt2": "causal_lm", "bert": "seq_cls"}
@@ -101,7 +101,7 @@ def check_resume_continues(tmp_path, method_cfg: dict, cut: int = 3):
 
     import pytest
 
-    from lorakit.train.checkpoint import read_checkpoint_meta
+    from lorakit.storage.checkpoint import read_checkpoint_meta
     from tests.train.test_loop import losses, make_trainer
 
     full = make_trainer(tmp_path, "full", method=method_cfg)

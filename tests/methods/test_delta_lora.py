@@ -11,7 +11,7 @@ from lorakit.config import recipe_from_dict
 from lorakit.errors import RecipeError
 from lorakit.methods import delta_lora
 from lorakit.methods.delta_lora import as_lora
-from lorakit.train.checkpoint import adapter_state_dict, load_adapter_weights, read_checkpoint_meta
+from lorakit.storage.checkpoint import adapter_state_dict, load_adapter_weights, read_checkpoint_meta
 from tests.conftest import tiny_inputs
 from tests.methods import harness as H
 from tests.train.test_loop import losses, make_trainer

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.config import MethodConfig
+from lorakit.methods.config import LoraConfig
 from lorakit.methods.dora import DoraLayer
 from tests.conftest import TINY_MODELS, tiny_inputs
 from tests.methods import harness as H
@@ -44,7 +44,7 @@ def test_parameter_count(kind):
 
 
 def _layer(base):
-    layer = DoraLayer(base, MethodConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+    layer = DoraLayer(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
     with torch.no_grad():  # make s·BA as large as W0 so the cross terms matter
         layer.lora_B.weight.normal_(0, 1.0)
         layer.base_layer.bias.normal_(0, 3.0)
@@ -88,7 +88,7 @@ def test_forward_and_merge_match_independent_math_on_conv1d():
 def test_dropout_path_formula():
     """In training with dropout: h = W0x + b + (m/n − 1)⊙(W0x̃) + (m/n)⊙(s·BAx̃), x̃ the same mask."""
     torch.manual_seed(2)
-    layer = DoraLayer(torch.nn.Linear(24, 16), MethodConfig(r=4, lora_alpha=8, lora_dropout=0.5))
+    layer = DoraLayer(torch.nn.Linear(24, 16), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5))
     with torch.no_grad():
         layer.lora_B.weight.normal_()
         layer.magnitude.mul_(1.7)

@@ -6,7 +6,7 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.methods import dylora
-from lorakit.train.checkpoint import adapter_state_dict, load_adapter_weights, read_checkpoint_meta
+from lorakit.storage.checkpoint import adapter_state_dict, load_adapter_weights, read_checkpoint_meta
 from tests.conftest import tiny_inputs
 from tests.methods import harness as H
 from tests.train.test_loop import losses, make_trainer

@@ -11,8 +11,7 @@ from safetensors.torch import save_file
 from lorakit.config import recipe_from_dict
 from lorakit.errors import LorakitError, RecipeError
 from lorakit.methods.lora_drop_select import choose_kept, sample_indices
-from lorakit.train.checkpoint import adapter_state_dict, load_adapter_weights, read_checkpoint_meta
-from lorakit.train.optim import build_param_groups
+from lorakit.storage.checkpoint import adapter_state_dict, load_adapter_weights, read_checkpoint_meta
 from tests.helpers import pad_collate, toy_data
 from tests.methods import harness as H
 from tests.train.test_loop import losses, make_trainer
@@ -149,7 +148,7 @@ def test_shared_layers_really_share_and_count_formula(kind):
     expected = sum(r * (method.layers[n].in_features + method.layers[n].out_features) for n in sel["kept"])
     expected += sum(r * (i + o) for i, o in shapes)
     assert H.trainable_count(model) - H.head_count(model) == expected
-    groups = build_param_groups(model, recipe_from_dict({}).train, method.cfg)
+    groups = method.param_groups(model, recipe_from_dict({}).train)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) and sum(p.numel() for g in groups for p in g["params"]) == H.trainable_count(model)
 

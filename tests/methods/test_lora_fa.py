@@ -7,7 +7,7 @@ from torch import nn
 from lorakit.config import recipe_from_dict
 from lorakit.methods.lora import LoraLayer
 from lorakit.methods.lora_fa import DropoutFrozenProjection, LoraFaLayer, dropout_mask
-from lorakit.train.checkpoint import adapter_state_dict, load_adapter_weights
+from lorakit.storage.checkpoint import adapter_state_dict, load_adapter_weights
 from tests.conftest import TINY_MODELS, tiny_inputs
 from tests.methods import harness as H
 from tests.train.test_loop import make_trainer

@@ -18,8 +18,7 @@ from lorakit.methods import build_method
 from lorakit.methods.base import AdapterLayer
 from lorakit.models import load_model
 from lorakit.quant import dequantize_model, is_quantized_model, prepare_kbit_model
-from lorakit.session import build_session, load_checkpoint_session
-from lorakit.train.checkpoint import load_adapter_weights, read_checkpoint_meta
+from lorakit.session import Checkpoint, load_run, load_session
 from lorakit.train.loop import Trainer
 from tests.conftest import tiny_inputs
 from tests.methods.harness import randomize_adapters
@@ -173,7 +172,7 @@ def toy_recipe(folder, name: str, **train):
 def run(folder):
     """A QLoRA run through the session and the Trainer on toy text: (run folder, session, before, after)."""
     recipe = toy_recipe(folder, "run")
-    session = build_session(recipe, QUIET)
+    session = load_session(recipe, console=QUIET)
     trainer = Trainer(session.model, session.tokenizer, session.method, session.data, recipe, session.device, QUIET)
     before = trainer.evaluate()["eval_loss"]
     after = trainer.train()["eval_loss"]
@@ -191,7 +190,7 @@ def test_checkpoint_holds_adapters_only_and_reloads(run):
     run_dir, session, _, _ = run
     keys = load_file(str(run_dir / "final" / "adapter.safetensors")).keys()
     assert len(keys) == 28 and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
-    reloaded, path = load_checkpoint_session(run_dir, QUIET)
+    reloaded, path = load_run(run_dir, QUIET)
     assert path == run_dir / "final" and isinstance(reloaded.method.layers["model.layers.0.mlp.up_proj"].base_layer, bnb.nn.Linear4bit)
     torch.testing.assert_close(logits(reloaded.model), logits(session.model), rtol=0, atol=0)
 
@@ -215,7 +214,7 @@ def test_merge_onto_original_weights_reports_the_deviation(run, tmp_path):
     assert 1e-4 < diff < 1.0  # the quantization error, not the adapter, separates them
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "orig")
     # the merged weights are W0 + s·BA with W0 the saved full-precision weights
-    reloaded, _ = load_checkpoint_session(run_dir, QUIET)
+    reloaded, _ = load_run(run_dir, QUIET)
     layer = reloaded.method.layers["model.layers.1.mlp.down_proj"]
     w0 = AutoModelForCausalLM.from_pretrained(run_dir.parent).model.layers[1].mlp.down_proj.weight
     torch.testing.assert_close(plain.model.layers[1].mlp.down_proj.weight, w0 + layer.delta_weight(), rtol=0, atol=1e-6)
@@ -227,15 +226,13 @@ def test_resume_continues_identically(folder):
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
     recipe = toy_recipe(folder, "full", max_steps=4, save_every=2)
-    session = build_session(recipe, QUIET)
+    session = load_session(recipe, console=QUIET)
     Trainer(session.model, session.tokenizer, session.method, session.data, recipe, session.device, QUIET).train()
     cut = folder / "cut" / "checkpoints"
     cut.mkdir(parents=True)
     shutil.copytree(folder / "full/checkpoints/step-000002", cut / "step-000002")
     recipe = toy_recipe(folder, "cut", max_steps=4, save_every=2)
-    state = read_checkpoint_meta(cut / "step-000002")[1]
-    session = build_session(recipe, QUIET, state)
-    load_adapter_weights(session.model, cut / "step-000002" / "adapter.safetensors")
+    session = load_session(recipe, Checkpoint(cut / "step-000002"), QUIET)
     Trainer(session.model, session.tokenizer, session.method, session.data, recipe, session.device, QUIET).train(
         resume_from=cut / "step-000002")
     expected, got = losses(folder / "full"), losses(folder / "cut")

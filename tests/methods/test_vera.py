@@ -8,7 +8,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.config import TrainConfig
-from lorakit.train.checkpoint import adapter_state_dict
+from lorakit.storage.checkpoint import adapter_state_dict
 from tests.conftest import TINY_MODELS, tiny_inputs
 from tests.methods import harness as H
 
@@ -102,7 +102,7 @@ def test_load_state_dict_regenerates_from_recorded_seed(tmp_path):
     """An unsaved projection comes back from the seed recorded in method.json."""
     from safetensors.torch import save_file
 
-    from lorakit.train.checkpoint import load_adapter_weights
+    from lorakit.storage.checkpoint import load_adapter_weights
 
     cfg = {**CFG, "save_projection": False}
     model, method = H.make("llama", {**cfg, "projection_prng_key": 3})
@@ -115,10 +115,15 @@ def test_load_state_dict_regenerates_from_recorded_seed(tmp_path):
     torch.testing.assert_close(H.logits(fresh), H.logits(model), rtol=0, atol=0)
 
 
-def test_loraplus_puts_both_vectors_at_ratio_lr():
-    model, method = H.make("llama", {**CFG, "loraplus_lr_ratio": 16})
+def test_loraplus_is_refused_and_saved_defaults_pass():
+    from lorakit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="loraplus_lr_ratio: VeRA trains no A/B pair"):
+        H.make("llama", {**CFG, "loraplus_lr_ratio": 16})
+    saved = {"use_rslora": False, "loraplus_lr_ratio": None, "loraplus_lr_embedding": 1e-6}  # older recipe.yaml
+    model, method = H.make("llama", {**CFG, **saved})
     groups = method.param_groups(model, TrainConfig(learning_rate=1e-3, weight_decay=0.1))
-    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [("no_decay", 1.6e-2, 0.0)]
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [("no_decay", 1e-3, 0.0)]
 
 
 # ---- parity with PEFT's VeRA ------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from torch import nn
 
 from lorakit import trust
 from lorakit.errors import LorakitError
-from lorakit.methods.base import AdapterLayer
+from lorakit.methods import AdapterLayer
 
 ADAPTER_FILE = trust.ADAPTER_FILE
 
@@ -61,6 +61,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_adapter_weights(model: nn.Module, path: Path) -> None:
     """Load ``adapter.safetensors`` into a model that already carries the adapter layers.
 
+    A stored tensor outside the adapter layers was trainable when saved (a classification head, a PEFT
+    folder's ``modules_to_save``), so it is made trainable again.
+
     Raises:
         LorakitError: a stored tensor has no place in the model, its shape differs, or an adapter
             tensor of the model is missing from the file (it would silently keep its initial value).
@@ -77,6 +80,10 @@ def load_adapter_weights(model: nn.Module, path: Path) -> None:
         if own[key].shape != tensor.shape:
             raise LorakitError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(own[key].shape)}")
     model.load_state_dict(tensors, strict=False)
+    adapters = tuple(n + "." for n, m in model.named_modules() if isinstance(m, AdapterLayer))
+    for name, param in model.named_parameters():
+        if name in tensors and not name.startswith(adapters):
+            param.requires_grad_(True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,8 +1,8 @@
-"""``model.adapter: PATH``: start ``lorakit train`` (and so its before/after ``eval``) from a PEFT LoRA or
-DoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, as PEFT saves them).
+"""Reading a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, as PEFT saves
+them) into a method: the reverse of :mod:`lorakit.methods.peft_export`.
 
-The recipe's method must be a plain LoRA method (``lora``, ``lora_plus``, ``lora_fa``, ``qlora``), or
-``dora`` for an adapter with ``use_dora``. ``r``, ``lora_alpha``, ``use_rslora`` and ``target_modules``
+Which methods a folder can start is each method's :meth:`~lorakit.methods.base.Method.imports_peft`
+(LoRA's family for a LoRA adapter, DoRA for one with ``use_dora``). ``r``, ``lora_alpha``, ``use_rslora`` and ``target_modules``
 come from the adapter config when the recipe leaves them unset, and must equal it when set. After the
 method is attached the tensors are loaded: ``base_model.model.<path>.lora_A.weight`` → ``<path>.lora_A.weight``
 (likewise ``lora_B``), ``<path>.lora_magnitude_vector`` → ``<path>.magnitude`` (DoRA), and the modules in
@@ -22,8 +22,6 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 
-LORA_METHODS = ("lora", "lora_plus", "lora_fa", "qlora")
-DORA_METHODS = ("dora",)
 TAKEN = ("r", "lora_alpha", "use_rslora", "target_modules")
 
 
@@ -58,21 +56,10 @@ def _same(key: str, ours, theirs) -> bool:
     return ours == theirs
 
 
-def apply_adapter_config(recipe) -> dict:
-    """Fill/check ``recipe.method`` (in place) from the adapter named by ``recipe.model.adapter``.
-
-    Returns the adapter config. Raises LorakitError naming model.adapter: wrong method for the adapter
-    kind, or a recipe field set to a value other than the adapter's.
-    """
-    path = recipe.model.adapter
-    config = read_adapter_config(path)
-    method = recipe.method
-    dora = bool(config.get("use_dora"))
-    allowed = DORA_METHODS if dora else LORA_METHODS
-    if method.name not in allowed:
-        kind = "a DoRA adapter (use_dora: true)" if dora else "a LoRA adapter"
-        raise LorakitError(f"{_where(path)} is {kind}; method.name must be {' or '.join(allowed)}, "
-                           f"not {method.name}")
+def fill_from_adapter(method, config: dict, path) -> None:
+    """Fill ``method`` (a method config, in place) with the adapter's r, lora_alpha, use_rslora and
+    target_modules where the recipe left them unset. Raises LorakitError naming model.adapter: a field
+    the adapter lacks, or a recipe field set to a value other than the adapter's."""
     theirs = {k: config.get(k, False if k == "use_rslora" else None) for k in TAKEN}
     for key in TAKEN:
         if theirs[key] is None:
@@ -83,7 +70,6 @@ def apply_adapter_config(recipe) -> dict:
     for key in TAKEN:
         if key not in method.model_fields_set:
             setattr(method, key, theirs[key])
-    return config
 
 
 def _own_key(key: str) -> tuple[str, str]:

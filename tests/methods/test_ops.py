@@ -7,8 +7,8 @@ mantissa bits: one rounding is ≤ 2^-9 ≈ 2e-3 relative).
 import pytest
 import torch
 
-from lorakit.fast import triton_ops
-from lorakit.fast.ops import can_fuse, dora_scale, lora_into
+from lorakit.methods import triton_ops
+from lorakit.methods.ops import can_fuse, dora_scale, lora_into
 from tests.methods import harness as H
 
 

@@ -8,15 +8,10 @@ except the LM head and the classification head).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
-
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.methods.base import AdapterLayer, is_conv1d
-
-if TYPE_CHECKING:
-    from lorakit.methods.base import Method
+from lorakit.methods.layer import AdapterLayer, is_conv1d
 
 HEAD_NAMES = ("lm_head", "score", "classifier")
 
@@ -72,8 +67,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def inject(model: nn.Module, method: "Method", task: str = "causal_lm") -> dict[str, AdapterLayer]:
-    """Freeze ``model``, wrap each target with ``method.make_layer``, unfreeze a classification head.
+def inject(model: nn.Module, method, task: str = "causal_lm") -> dict[str, AdapterLayer]:
+    """Freeze ``model``, wrap each target with ``method.make_layer(name, module)`` (a
+    :class:`~lorakit.methods.base.Method`), unfreeze a classification head.
 
     Returns the adapter layers by dotted path.
     """

@@ -7,7 +7,7 @@
   sum); in fp32 it equals the unfused path up to fp32 rounding.
 - :class:`DoraScale`: DoRA's rescaling y = σ ⊙ (t − b) + b, σ = m/n ``(out,)``, t = W0x + b + s·BAx,
   in one pass forward (fp32 arithmetic, output in t's dtype) and one backward (Triton kernels on CUDA,
-  :mod:`lorakit.fast.triton_ops`; torch ops elsewhere); it saves t in its own dtype (bf16 under
+  :mod:`lorakit.methods.triton_ops`; torch ops elsewhere); it saves t in its own dtype (bf16 under
   autocast) instead of an fp32 copy. ∂L/∂σ = Σ_rows g ⊙ t − b ⊙ Σ_rows g, summed in fp32 (the torch
   path rounds the products to t's dtype first: within 1% of the exact value in bf16, tested).
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lorakit.fast import triton_ops
+import lorakit.methods.triton_ops as triton_ops
 
 
 def can_fuse(x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""Triton kernels for DoRA's rescaling (CUDA; :class:`lorakit.fast.ops.DoraScale` falls back to torch ops).
+"""Triton kernels for DoRA's rescaling (CUDA; :class:`lorakit.methods.ops.DoraScale` falls back to torch ops).
 
 Forward, one pass: y = t ⊙ σ + c over ``(N, out)`` tiles, t and y in t's dtype, arithmetic in fp32
 (σ = m/n and c = (1 − σ) ⊙ b stay fp32, so magnitude updates below bf16 resolution still reach y).
