@@ -22,7 +22,10 @@ TRUST = typer.Option(False, "--trust-remote-code", help="Allow the model folder'
 
 
 def _fail(err: LorakitError) -> None:
-    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+    from lorakit.errors import Interrupted
+
+    prefix = "" if isinstance(err, Interrupted) else "[bold red]error:[/] "
+    console.print(f"{prefix}{escape(str(err))}", highlight=False, soft_wrap=True)
     raise typer.Exit(err.exit_code)
 
 

@@ -11,3 +11,12 @@ class RecipeError(LorakitError):
     """A recipe that does not validate. Raised before any model loads; the CLI exits with status 2."""
 
     exit_code = 2
+
+
+class Interrupted(LorakitError):
+    """Training stopped by a signal (Ctrl-C, SIGTERM): the message says where and how to resume. The CLI
+    prints it without "error:" and exits with ``exit_code`` = 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

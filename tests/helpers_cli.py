@@ -1,4 +1,4 @@
-"""The command line against a tiny model: one model folder and one trained run per test session, a clean
+"""The command line against the tiny model of tests/tiny_run.py: one trained run per test session, a clean
 one-line-error check, and a hash of a folder to prove nothing already written changed."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from lorakit.cli import app
-from tests.test_quant import save_tiny
+from tests.tiny_run import tiny_recipe, tiny_world, write_recipe  # noqa: F401 (tiny_world: a fixture)
 
 runner = CliRunner()
 
@@ -51,42 +50,12 @@ def tree_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def recipe_dict(model: Path, output_dir: Path, **sections) -> dict:
-    """A recipe for the tiny llama on its own word data: 4 steps of 4 rows, a checkpoint every 2."""
-    data = {
-        "model": {"name_or_path": str(model)},
-        "method": {"name": "lora", "r": 4},
-        "data": {"source": str(model / "data.jsonl"), "format": "text", "max_seq_length": 16},
-        "train": {"max_steps": 4, "batch_size": 4, "num_samples": 0, "save_every": 2},
-        "output_dir": str(output_dir),
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            data.setdefault(section, {}).update(values)
-        else:
-            data[section] = values
-    return data
-
-
-def write_recipe(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny llama folder (config.json, safetensors, tokenizer) with ``data.jsonl`` of 40 texts."""
-    folder = tmp_path_factory.mktemp("tiny_model")
-    save_tiny(folder, texts=40)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """A finished 4-step run of the tiny model (checkpoints at steps 2 and 4, final). Do not modify:
-    copy it with :func:`copy_run` first."""
+def trained_run(tmp_path_factory, tiny_world) -> Path:
+    """A finished 4-step run of the tiny model (tests/tiny_run.py; checkpoints at steps 2 and 4, final).
+    Do not modify: copy it with :func:`copy_run` first."""
     root = tmp_path_factory.mktemp("trained")
-    recipe = write_recipe(root / "recipe.yaml", recipe_dict(tiny_model_dir, root / "run"))
+    recipe = write_recipe(root / "recipe.yaml", tiny_recipe(tiny_world, root / "run", train={"save_every": 2}))
     result = invoke("train", recipe)
     assert result.exit_code == 0, result.output
     return root / "run"
@@ -95,3 +64,38 @@ def trained_run(tmp_path_factory, tiny_model_dir) -> Path:
 def copy_run(run: Path, dest: Path) -> Path:
     shutil.copytree(run, dest, symlinks=True)
     return dest
+
+
+# ---- interrupted runs: a 6-step run with a checkpoint every 2 steps, in a subprocess -------------------
+def six_step_recipe(world: dict, folder: Path) -> Path:
+    """``folder/recipe.yaml`` training the tiny model 6 steps into ``folder/run`` (checkpoints at 2, 4, 6)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = tiny_recipe(world, folder / "run", train={"max_steps": 6, "save_every": 2})
+    return write_recipe(folder / "recipe.yaml", recipe)
+
+
+@pytest.fixture(scope="session")
+def reference_adapter(tmp_path_factory, tiny_world) -> dict:
+    """The final adapter tensors of the 6-step run trained without interruption."""
+    from safetensors.torch import load_file
+
+    recipe = six_step_recipe(tiny_world, tmp_path_factory.mktemp("reference"))
+    result = invoke("train", recipe)
+    assert result.exit_code == 0, result.output
+    return load_file(recipe.parent / "run" / "final" / "adapter.safetensors")
+
+
+def lorakit_process(*args, kill_at: str | None = None):
+    """``python -m lorakit ARGS`` in a subprocess with one torch thread (as the tests run in-process),
+    stopped at ``kill_at`` (:mod:`lorakit.faults`) when given. Returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAKIT_KILL_AT": kill_at or ""}
+    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parent.parent)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from tests.helpers_cli import (clean_error, copy_run, invoke, recipe_dict, tiny_model_dir, trained_run,  # noqa: F401
-                               tree_hash, write_recipe)
+from tests.helpers_cli import clean_error, copy_run, invoke, trained_run, tree_hash  # noqa: F401 (fixtures)
+from tests.tiny_run import tiny_recipe, tiny_world, write_recipe  # noqa: F401
 
 EVIL = '''import pathlib
 pathlib.Path({marker!r}).write_text("remote code ran")  # on import
@@ -35,10 +35,10 @@ class EvilModel(LlamaForCausalLM):
 
 
 @pytest.fixture
-def evil(tmp_path, tiny_model_dir) -> tuple[Path, Path]:
+def evil(tmp_path, tiny_world) -> tuple[Path, Path]:
     """(model folder whose auto_map code writes the marker, marker path)."""
     folder, marker = tmp_path / "evil", tmp_path / "MARKER"
-    shutil.copytree(tiny_model_dir, folder)
+    shutil.copytree(tiny_world["model"], folder)
     (folder / "evil.py").write_text(EVIL.format(marker=str(marker)))
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
@@ -53,7 +53,7 @@ def edit_recipe(checkpoint: Path, **model) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-COMMANDS = [["eval"], ["generate", "--prompt", "w1 w2", "--max-new-tokens", "2"], ["chat"],
+COMMANDS = [["eval"], ["generate", "--prompt", "Say hello.", "--max-new-tokens", "2"], ["chat"],
             ["merge", "--output", "{out}"], ["export", "--output", "{out}", "--no-check"]]
 
 
@@ -68,18 +68,18 @@ def test_stored_recipe_cannot_turn_on_remote_code(tmp_path, trained_run, evil, c
     assert not evil[1].exists() and tree_hash(run) == before and not (tmp_path / "out").exists()
 
 
-def test_stored_recipe_cannot_swap_the_base_even_with_the_flag(tmp_path, trained_run, evil, tiny_model_dir):
+def test_stored_recipe_cannot_swap_the_base_even_with_the_flag(tmp_path, trained_run, evil, tiny_world):
     run = copy_run(trained_run, tmp_path / "run")
     edit_recipe(run / "final", name_or_path=str(evil[0]))
     for flag in ([], ["--trust-remote-code"]):
         line = clean_error(invoke("eval", run, *flag), 1)
-        assert str(evil[0]) in line and f"trained on {str(tiny_model_dir)!r}" in line
+        assert str(evil[0]) in line and f"trained on {tiny_world['model']!r}" in line
     assert not evil[1].exists()
 
 
-def test_a_copy_of_the_same_base_is_loaded_and_reported(tmp_path, trained_run, tiny_model_dir):
+def test_a_copy_of_the_same_base_is_loaded_and_reported(tmp_path, trained_run, tiny_world):
     run = copy_run(trained_run, tmp_path / "run")
-    copy = shutil.copytree(tiny_model_dir, tmp_path / "moved-model")
+    copy = shutil.copytree(tiny_world["model"], tmp_path / "moved-model")
     edit_recipe(run / "final", name_or_path=str(copy))
     result = invoke("eval", run, "--json")
     assert result.exit_code == 0, result.output
@@ -96,9 +96,10 @@ def test_old_checkpoint_without_a_base_record_still_runs_no_code(tmp_path, train
     assert not evil[1].exists()
 
 
-def test_the_flag_lets_the_users_own_choice_through(tmp_path, evil):
+def test_the_flag_lets_the_users_own_choice_through(tmp_path, evil, tiny_world):
     """A run trained with --trust-remote-code (the user's choice) needs the flag again to be loaded."""
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(evil[0], tmp_path / "run", train={"max_steps": 1}))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe({"model": str(evil[0]), "chat": tiny_world["chat"]}, tmp_path / "run",
+                                                                   train={"max_steps": 1}))
     assert invoke("train", recipe, "--trust-remote-code").exit_code == 0
     assert evil[1].exists()
     evil[1].unlink()
@@ -134,7 +135,7 @@ def test_every_path_read_from_a_run_stays_inside_it(tmp_path, trained_run, tampe
         shutil.rmtree(run / "checkpoints" / "step-000004")
         os.symlink(other / "checkpoints" / "step-000004", run / "checkpoints" / "step-000004")
     before = tree_hash(run)
-    for args in (["eval", run], ["generate", run, "-p", "w1"]):
+    for args in (["eval", run], ["generate", run, "-p", "Say hello."]):
         line = clean_error(invoke(*args), 1)
         assert "points outside" in line
     assert tree_hash(run) == before

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from lorakit import trust
 from lorakit.errors import LorakitError
+from lorakit.faults import kill_point
 from lorakit.methods import AdapterLayer
 
 ADAPTER_FILE = trust.ADAPTER_FILE
@@ -68,7 +70,11 @@ def load_adapter_weights(model: nn.Module, path: Path) -> None:
         LorakitError: a stored tensor has no place in the model, its shape differs, or an adapter
             tensor of the model is missing from the file (it would silently keep its initial value).
     """
-    tensors = load_file(str(path))
+    trust.adapter_metadata(path)  # a damaged or foreign file: one line naming it
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - truncated data, bad dtype...
+        raise LorakitError(f"{path}: not a valid lorakit checkpoint file ({type(err).__name__})") from None
     own = model.state_dict()
     missing = sorted(set(adapter_state_dict(model)) - set(tensors))
     if missing:
@@ -86,16 +92,32 @@ def load_adapter_weights(model: nn.Module, path: Path) -> None:
             param.requires_grad_(True)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (a folder: its list of names, after a rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
+    """fsync every file in ``path`` and then ``path`` itself."""
     for file in path.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+        if file.is_file():
+            _fsync(file)
+    _fsync(path)
 
 
 def write_atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, fsync'd, renamed into place, parent fsync'd."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def save_checkpoint(
@@ -124,17 +146,83 @@ def save_checkpoint(
         torch.save(state, tmp / "trainer_state.pt")
         (tmp / "trainer.json").write_text(json.dumps({"step": step}))
     _fsync_dir(tmp)
+    kill_point(f"save:{path.name}:written")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.replace(path, old)
+        kill_point(f"save:{path.name}:swapped")
     os.replace(tmp, path)
+    _fsync(path.parent)
+    kill_point(f"save:{path.name}:renamed")
     shutil.rmtree(old, ignore_errors=True)
     return path
 
 
 def load_trainer_state(path: Path) -> dict:
-    """Optimizer / scheduler / RNG state of a training checkpoint (``weights_only=True``)."""
-    return torch.load(Path(path) / "trainer_state.pt", weights_only=True, map_location="cpu")
+    """Optimizer / scheduler / RNG state of a training checkpoint (``weights_only=True``: no code runs).
+
+    Raises:
+        LorakitError: ``trainer_state.pt`` is missing, damaged, or holds anything but tensors and plain data.
+    """
+    file = Path(path) / "trainer_state.pt"
+    try:
+        state = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - unpickling refused, truncated zip, missing file...
+        raise LorakitError(f"{file}: not a valid lorakit checkpoint file ({type(err).__name__}; "
+                           "lorakit loads only tensors and plain data from it)") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
+        raise LorakitError(f"{file}: not a valid lorakit checkpoint file (no optimizer / scheduler / rng state)")
+    return state
+
+
+def read_trainer_step(path: Path) -> int:
+    """The step a training checkpoint was written at (``trainer.json``). Raises LorakitError if invalid."""
+    data = trust.read_json(Path(path) / "trainer.json", "lorakit checkpoint file")
+    step = data.get("step") if isinstance(data, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise LorakitError(f"{Path(path) / 'trainer.json'}: not a valid lorakit checkpoint file (no step)")
+    return step
+
+
+STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(run_dir: Path) -> list[str]:
+    """Remove what interrupted writes of this run left: ``.NAME.tmp-PID`` (a write not finished) and
+    ``.NAME.old-PID`` (a replaced version); an ``.old`` whose NAME is missing (killed between the two
+    renames) is put back instead. Entries of a live process are left alone. Returns what was done."""
+    done = []
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "final"):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for entry in sorted(folder.iterdir()):
+            match = STALE.match(entry.name)
+            if match is None or _alive(int(match["pid"])):
+                continue
+            original = folder / match["name"]
+            if match["kind"] == "old" and not original.exists():
+                os.replace(entry, original)
+                done.append(f"restored {original}")
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+                done.append(f"removed {entry}")
+            else:
+                entry.unlink()
+                done.append(f"removed {entry}")
+    return done
 
 
 def restore_rng(rng: dict) -> None:

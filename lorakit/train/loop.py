@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lorakit.config import recipe_to_dict
@@ -24,10 +25,12 @@ from lorakit.device import synchronize
 from lorakit.evaluate import evaluate_model
 from lorakit.fast import accelerate, resolve_cross_entropy
 from lorakit.fast.kernels import compile_mode, decoder_layers
+from lorakit.faults import kill_point
 from lorakit.loss import batch_loss, count_loss_items
 from lorakit.precision import recipe_precision
 from lorakit.storage import checkpoint as ckpt
 from lorakit.storage.peft import write_peft_folder
+from lorakit.train.interrupt import StopSignals, Stopped
 from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.stats import StepStats, skips_nonfinite_on_device
 
@@ -147,6 +150,7 @@ class Trainer:
         ckpt.save_checkpoint(path, self.model, self.method, recipe_to_dict(self.recipe),
                              optimizer, scheduler, self.step)
         ckpt.mark_latest(self.run_dir, path)
+        self.last_checkpoint, self.saved_step = path, self.step
         for callback in self.on_checkpoint:
             callback(path)
         return path
@@ -216,9 +220,8 @@ class Trainer:
                     if p.grad is not None:
                         p.grad = p.grad.clone()
 
-    def train(self, resume_from: Path | None = None) -> dict:
-        """Train to ``total_steps``; returns the final eval metrics. Writes metrics.jsonl, checkpoints."""
-        cfg = self.recipe.train
+    def _start(self, resume_from: Path | None):
+        """(optimizer, scheduler), restored from ``resume_from`` when given (``self.step`` too)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
             self.method.prepare(self.context())
@@ -230,46 +233,76 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             ckpt.restore_rng(state["rng"])
-            self.step = json.loads((resume_from / "trainer.json").read_text())["step"]
-            self.console.print(f"Resuming from {resume_from} at step {self.step}")
+            self.step = ckpt.read_trainer_step(resume_from)
+            self.console.print(f"Resuming from {escape(str(resume_from))} at step {self.step}")
+        self.last_checkpoint, self.saved_step = resume_from, self.step
+        return optimizer, scheduler
+
+    def train(self, resume_from: Path | None = None, stop: StopSignals | None = None) -> dict:
+        """Train to ``total_steps``; returns the final eval metrics. Writes metrics.jsonl, checkpoints.
+
+        With ``stop`` active (:mod:`lorakit.train.interrupt`), a SIGINT/SIGTERM ends the run between two
+        steps with a checkpoint of the step reached: :class:`Stopped` is raised with ``step`` and
+        ``checkpoint`` (the newest checkpoint, None when nothing was saved yet) set."""
+        cfg, stop = self.recipe.train, stop or StopSignals()
+        optimizer, scheduler = self._start(resume_from)
         accum = cfg.gradient_accumulation_steps
         progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(), console=self.console, transient=False,
         )
-        metrics: dict = {}
-        with progress:
-            bar = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
-            log = StepLog(self, progress, bar)
-            deferred = skips_nonfinite_on_device(optimizer)  # else optimizer_step has read the step already
-            pending: StepStats | None = None  # the step queued last, read after the next one is queued
-            while self.step < self.total_steps:
-                batches = [self.micro[self.step * accum + i] for i in range(accum)]
-                step_start = time.perf_counter()
-                stats = self.optimizer_step(batches, optimizer, scheduler)
-                stats.tokens, stats.started = sum(count_tokens(b) for b in batches), step_start
+        pending: StepStats | None = None  # the step queued last, read after the next one is queued
+        try:
+            with progress:
+                bar = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
+                log = StepLog(self, progress, bar)
+                deferred = skips_nonfinite_on_device(optimizer)  # else optimizer_step has read the step already
+                while self.step < self.total_steps:
+                    with stop.holding():  # a signal now waits for the step to end
+                        batches = [self.micro[self.step * accum + i] for i in range(accum)]
+                        step_start = time.perf_counter()
+                        stats = self.optimizer_step(batches, optimizer, scheduler)
+                        stats.tokens, stats.started = sum(count_tokens(b) for b in batches), step_start
+                        kill_point(f"step:{self.step}")
+                        if pending is not None:
+                            log.record(pending)
+                        pending = stats
+                        at_eval = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < self.total_steps
+                        at_save = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < self.total_steps
+                        boundary = at_eval or at_save or self.step == self.total_steps or stop.requested
+                        if not deferred or boundary:
+                            log.record(pending)  # read now: before evaluating or saving, or nothing to wait for
+                            pending = None
+                        if boundary:
+                            synchronize(self.device)  # train_seconds counts the queued GPU work of the steps
+                        self.train_seconds += time.perf_counter() - step_start
+                        stop.check()
+                    if at_eval:
+                        metrics = self.evaluate()
+                        self._log({"step": self.step, **metrics})
+                        self.console.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+                    if at_save:
+                        with stop.holding():
+                            self._save(optimizer, scheduler)
+                    stop.check()
+            return self._finish(optimizer, scheduler, stop)
+        except Stopped as err:
+            if not err.forced and self.step > self.saved_step:  # between steps: the state is consistent
                 if pending is not None:
                     log.record(pending)
-                pending = stats
-                at_eval = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < self.total_steps
-                at_save = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < self.total_steps
-                boundary = at_eval or at_save or self.step == self.total_steps
-                if not deferred or boundary:
-                    log.record(pending)  # read now: before evaluating or saving, or nothing to wait for
-                    pending = None
-                if boundary:
-                    synchronize(self.device)  # train_seconds counts the queued GPU work of the steps
-                self.train_seconds += time.perf_counter() - step_start
-                if at_eval:
-                    metrics = self.evaluate()
-                    self._log({"step": self.step, **metrics})
-                    self.console.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-                if at_save:
-                    self._save(optimizer, scheduler)
-        final = self._save(optimizer, scheduler)
+                self._save(optimizer, scheduler)
+            err.step, err.checkpoint = self.step, self.last_checkpoint
+            raise
+
+    def _finish(self, optimizer, scheduler, stop: StopSignals) -> dict:
+        """The last checkpoint, the final evaluation, ``final/`` (and its PEFT copy)."""
+        with stop.holding():
+            last = self._save(optimizer, scheduler) if self.step > self.saved_step or self.last_checkpoint is None \
+                else self.last_checkpoint
         metrics = self.evaluate()
         self._log({"step": self.step, **metrics})
-        ckpt.save_checkpoint(self.run_dir / "final", self.model, self.method, recipe_to_dict(self.recipe))
-        self._save_peft(self.run_dir / "final" / "peft")
-        self.console.print(f"Saved {final} and {self.run_dir / 'final'}")
+        with stop.holding():
+            ckpt.save_checkpoint(self.run_dir / "final", self.model, self.method, recipe_to_dict(self.recipe))
+            self._save_peft(self.run_dir / "final" / "peft")
+        self.console.print(f"Saved {escape(str(last))} and {escape(str(self.run_dir / 'final'))}")
         return metrics

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import shlex
+import signal
 from pathlib import Path
 
 from rich.console import Console
 
-from lorakit import plot, track
+from lorakit import plot, track, trust
 from lorakit.config import load_recipe, recipe_to_dict
-from lorakit.errors import LorakitError
+from lorakit.errors import Interrupted, LorakitError
 from lorakit.evaluate import generate_samples
 from lorakit.precision import recipe_precision
 from lorakit.session import Checkpoint, load_session, parameter_table, recipe_weights
 from lorakit.storage import checkpoint as ckpt
+from lorakit.train.interrupt import StopSignals, Stopped
 from lorakit.train.loop import Trainer
 
 
@@ -51,73 +54,133 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 
 def check_resumable(saved: dict, current: dict, checkpoint: Path) -> None:
-    """Refuse a resume whose recipe differs from the checkpoint's beyond ``RESUMABLE_CHANGES``.
+    """Refuse a resume whose recipe differs from the checkpoint's beyond ``RESUMABLE_CHANGES``
+    (``output_dir`` may differ: a run folder may be moved or copied and resumed where it is now).
 
     Raises LorakitError naming the first differing field and both values.
     """
     old, new = _flatten(saved), _flatten(current)
     old.setdefault("train.precision", "auto")  # saved before the field existed: auto's bf16 on CUDA, fp32 on CPU
     for key in sorted(set(old) | set(new)):
-        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+        if key not in RESUMABLE_CHANGES | {"output_dir"} and old.get(key) != new.get(key):
+            hint = f" (pass {trust.TRUST_FLAG} if you trust that code)" if key == "model.trust_remote_code" else ""
             raise LorakitError(
-                f"--resume: {key} is {new.get(key)!r} here but {old.get(key)!r} in {checkpoint}/recipe.yaml; "
+                f"--resume: {key} is {new.get(key)!r} here but {old.get(key)!r} in {checkpoint}/recipe.yaml{hint}; "
                 f"a resumed run may change only {', '.join(sorted(RESUMABLE_CHANGES))}"
             )
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metrics logged after ``step`` (by a run that stopped after its last checkpoint)."""
+    """Drop metrics logged after ``step`` (by a run that stopped after its last checkpoint), and a line
+    cut short by a crash."""
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        lines = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                lines.append(line)
         ckpt.write_atomic_text(path, "".join(line + "\n" for line in lines))
+
+
+def starting_point(run_dir: Path, recipe, resume: bool, console: Console) -> tuple[Path | None, int]:
+    """(checkpoint to resume from or None, its step), after cleaning what interrupted
+    writes left. A folder with no checkpoint yet starts again from step 0 (with or without ``resume``).
+
+    Raises LorakitError: the folder holds a run with checkpoints and ``resume`` is off; ``resume`` on a
+    folder whose only checkpoint is ``final/``; a checkpoint whose recipe differs (:func:`check_resumable`).
+    """
+    for line in ckpt.clean_stale(run_dir):
+        console.print(f"interrupted write cleaned up: {line}", markup=False, highlight=False, soft_wrap=True)
+    latest = ckpt.latest_checkpoint(run_dir)
+    finished = (run_dir / "final" / ckpt.ADAPTER_FILE).is_file()
+    if latest is None and not finished:
+        if any((run_dir / name).exists() for name in ("checkpoints", "metrics.jsonl", "summary.json")):
+            console.print(f"{run_dir} holds a run stopped before its first checkpoint: starting again from step 0",
+                          markup=False, highlight=False, soft_wrap=True)
+            keep_metrics_until(run_dir / "metrics.jsonl", 0)
+        elif resume:
+            console.print(f"--resume: {run_dir} has no checkpoint yet: starting from step 0", markup=False,
+                          highlight=False, soft_wrap=True)
+        return None, 0
+    if not resume:
+        raise LorakitError(
+            f"output_dir {run_dir} already holds a run; pass --resume to continue it, or choose another "
+            f"output_dir (e.g. output_dir={run_dir}-2)"
+        )
+    if latest is None:
+        raise LorakitError(f"--resume: {run_dir} holds a finished run (final/) but no training checkpoint to "
+                           "continue from; choose another output_dir to train again")
+    saved_recipe, _ = ckpt.read_checkpoint_meta(latest)
+    check_resumable(saved_recipe, recipe_to_dict(recipe), latest)
+    step = ckpt.read_trainer_step(latest)
+    saved_dir = saved_recipe.get("output_dir")
+    if saved_dir is not None and Path(str(saved_dir)).resolve() != run_dir.resolve():
+        console.print(f"note: this run was started in {saved_dir} and continues in {run_dir} (moved or copied)",
+                      markup=False, highlight=False, soft_wrap=True)
+    keep_metrics_until(run_dir / "metrics.jsonl", step)
+    return latest, step
+
+
+def stop_message(stop: Stopped, recipe_path: Path, overrides: list[str]) -> str:
+    """One line: where training stopped, the checkpoint, and the command that resumes it."""
+    command = shlex.join(["lorakit", "train", str(recipe_path), *overrides, "--resume"])
+    name = signal.Signals(stop.signum).name
+    if stop.checkpoint is None:
+        return f"stopped ({name}) at step {stop.step or 0}, before any checkpoint; start again with: {command}"
+    return f"stopped ({name}) at step {stop.step}; checkpoint {stop.checkpoint}; resume with: {command}"
 
 
 def run_training(recipe_path: Path, overrides: list[str], resume: bool, console: Console,
                  verbose: bool = False) -> dict:
     """Validate the recipe, train, and write the run folder. Returns the final metrics.
 
+    SIGINT / SIGTERM stop the run between two steps with a checkpoint (:mod:`lorakit.train.interrupt`).
+
     Raises:
         RecipeError: the recipe is invalid (before any model loads).
-        LorakitError: the output folder already holds a run and ``resume`` is off, or ``resume`` is
-            on and there is no checkpoint.
+        LorakitError: see :func:`starting_point`.
+        Interrupted: a stop signal arrived; the message names the checkpoint and the resume command.
     """
     recipe = load_recipe(recipe_path, overrides)
+    with StopSignals() as stop:
+        try:
+            return _train(recipe, resume, console, verbose, stop)
+        except Stopped as err:
+            raise Interrupted(stop_message(err, recipe_path, overrides), err.exit_code) from None
+
+
+def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSignals) -> dict:
     run_dir = Path(recipe.output_dir)
-    latest = ckpt.latest_checkpoint(run_dir)
-    if resume:
-        if latest is None:
-            raise LorakitError(f"--resume: output_dir {run_dir} has no checkpoint to resume from")
-        saved_recipe, _ = ckpt.read_checkpoint_meta(latest)
-        check_resumable(saved_recipe, recipe_to_dict(recipe), latest)
-        step = json.loads((latest / "trainer.json").read_text())["step"]
-        keep_metrics_until(run_dir / "metrics.jsonl", step)
-    elif any((run_dir / name).exists() for name in ("checkpoints", "final", "metrics.jsonl", "summary.json")):
-        raise LorakitError(
-            f"output_dir {run_dir} already holds a run; pass --resume to continue it, or choose another "
-            f"output_dir (e.g. output_dir={run_dir}-2)"
-        )
+    latest, start_step = starting_point(run_dir, recipe, resume, console)
     track.check_installed(recipe.train.report_to)  # a missing tracker fails before the model loads
-    session = load_session(recipe, Checkpoint(latest) if resume else recipe_weights(recipe), console)
+    session = load_session(recipe, Checkpoint(latest) if latest is not None else recipe_weights(recipe), console)
     console.print(parameter_table(session.model, session.method))
     trainer = Trainer(session.model, session.tokenizer, session.method, session.data, recipe,
                       session.device, console)
     run_dir.mkdir(parents=True, exist_ok=True)
     before = None
-    if resume and (run_dir / "summary.json").is_file():
-        before = json.loads((run_dir / "summary.json").read_text()).get("before")
-    if not resume:
+    if latest is not None and (run_dir / "summary.json").is_file():
+        before = trust.read_json(run_dir / "summary.json", "summary.json")
+        before = before.get("before") if isinstance(before, dict) else None
+    if latest is None:
         before = trainer.evaluate()
         ckpt.write_atomic_text(run_dir / "summary.json", json.dumps({"before": before}, indent=1))
         console.print(f"before training: {_summary_line(before)}")
         _samples(session, console, "samples before training")
-    start_step = step if resume else 0
     trackers = track.Trackers(recipe.train.report_to, run_dir, recipe_to_dict(recipe), start_step, verbose)
     trainer.on_record.append(trackers.log)
     trainer.on_checkpoint.append(lambda _path: plot.redraw(run_dir, console))
     for where in trackers.describe():
         console.print(f"tracking: {where}", soft_wrap=True, highlight=False)
     try:
-        after = trainer.train(resume_from=latest if resume else None)
+        after = trainer.train(resume_from=latest, stop=stop)
+    except Stopped as err:
+        if err.checkpoint is None and latest is not None:
+            err.checkpoint = latest
+        raise
     finally:
         trackers.finish()
     seconds = trainer.train_seconds

@@ -2,6 +2,8 @@ import json
 
 import pytest
 
+from tests.tiny_run import tiny_world  # noqa: F401 (fixture)
+
 from lorakit.config import recipe_from_dict, recipe_to_dict
 from lorakit.errors import LorakitError
 from lorakit.train.run import check_resumable, keep_metrics_until
@@ -34,3 +36,36 @@ def test_metrics_after_the_checkpoint_are_dropped(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)))
     keep_metrics_until(path, 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_stale_temporary_folders_are_cleaned_and_a_swapped_out_folder_put_back(tmp_path):
+    import os
+
+    from lorakit.storage.checkpoint import clean_stale
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".step-000002.tmp-999999999").mkdir(parents=True)  # a write killed midway
+    (run / "checkpoints" / ".latest.tmp-999999999").write_text("step-000002")
+    (run / ".final.old-999999999").mkdir()  # killed between moving final aside and renaming the new one
+    (run / "checkpoints" / f".step-000004.tmp-{os.getppid()}").mkdir()  # a live process: not touched
+    done = clean_stale(run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f".step-000004.tmp-{os.getppid()}"]
+    assert (run / "final").is_dir() and len(done) == 3
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, tiny_world):
+    from tests.helpers_cli import invoke
+    from tests.tiny_run import tiny_recipe, write_recipe
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".step-000002.tmp-999999999").mkdir(parents=True)
+    (run / "summary.json").write_text('{"before": {"eval_loss": 1.0}}')
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo')  # cut by the kill
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_world, run, train={"max_steps": 2}))
+    result = invoke("train", recipe)
+    assert result.exit_code == 0, result.output
+    assert "stopped before its first checkpoint: starting again from step 0" in result.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2] and not (run / "checkpoints" / ".step-000002.tmp-999999999").exists()
+    again = invoke("train", recipe)  # now it holds a run with checkpoints: refused, nothing touched
+    assert again.exit_code == 1 and "already holds a run" in again.stderr
