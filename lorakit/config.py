@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorakit.errors import RecipeError
 from lorakit.methods import MethodConfig, get_method_class
 
+DEFAULT_METHOD = MethodConfig.model_fields["name"].default  # method.name when a recipe leaves it out
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -131,9 +133,9 @@ class Recipe(Section):
             return value
         if not isinstance(value, dict):
             raise ValueError("expected a mapping with at least `name`, e.g. {name: lora, r: 8}")
-        if not isinstance(value.get("name", "lora"), str):
+        if not isinstance(value.get("name", DEFAULT_METHOD), str):
             raise ValueError("method.name must be a method name; see lorakit list-methods")
-        method_cls = get_method_class(value.get("name", "lora"))
+        method_cls = get_method_class(value.get("name", DEFAULT_METHOD))
         return method_cls.config_class.model_validate(value)
 
     @model_validator(mode="before")
@@ -146,7 +148,7 @@ class Recipe(Section):
         method = data.get("method", {})
         if not isinstance(method, (dict, MethodConfig)) and method is not None:
             return data  # the method field's own validation reports it
-        name = method.name if isinstance(method, MethodConfig) else (method or {}).get("name", "lora")
+        name = method.name if isinstance(method, MethodConfig) else (method or {}).get("name", DEFAULT_METHOD)
         if not isinstance(name, str):
             return data
         try:
@@ -181,7 +183,7 @@ def _section_fields(data: dict, loc: tuple) -> list[str]:
         node = node.get(part, {}) if isinstance(node, dict) else {}
         if part == "method":
             try:
-                model = get_method_class(node.get("name", "lora")).config_class
+                model = get_method_class(node.get("name", DEFAULT_METHOD)).config_class
             except RecipeError:
                 model = MethodConfig
         else:

@@ -1,6 +1,9 @@
-"""A tiny offline tokenizer for the data tests: a byte-level BPE with a ChatML chat template."""
+"""Shared by the data tests: a tiny offline tokenizer (a byte-level BPE with a ChatML chat template),
+chat rows, a jsonl writer and a DataConfig maker."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -37,3 +40,41 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return make_tiny_tokenizer()
+
+
+# ---- rows and configs shared by the data tests --------------------------------------------------
+CHAT = [
+    {"messages": [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "I am fine."}]},
+    {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is AI?"},
+        {"role": "assistant", "content": "Machines that think."},
+        {"role": "user", "content": "And a fox?"},
+        {"role": "assistant", "content": "The quick brown fox."},
+    ]},
+] * 5
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def cfg(source, **kw):
+    from lorakit.config import DataConfig
+
+    return DataConfig(source=str(source), **kw)
+
+
+def supervised(ids, labels) -> list[list[int]]:
+    """Runs of consecutive supervised (label != -100) token ids."""
+    runs, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab != -100:
+            assert lab == t
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+

@@ -11,7 +11,8 @@ from lorakit.errors import RecipeError
 from lorakit.evaluate import evaluate_model
 from lorakit.fast.attention import NAME, sdpa_fp32, use_fp32_attention
 from lorakit.methods import build_method
-from lorakit.train.loop import Trainer, iterate_batches
+from lorakit.data.batches import iterate_batches
+from lorakit.train.loop import Trainer
 from tests.conftest import tiny_llama
 from tests.helpers import toy_data
 

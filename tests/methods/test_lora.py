@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from lorakit.methods.base import AdapterLayer
 from tests.methods import harness as H
 
 KINDS = ["llama", "gpt2", "bert"]
@@ -52,25 +51,6 @@ def test_gpt2_conv1d_merge_layout():
     assert merged.weight.shape == layer.base_layer.weight.shape
     x = torch.randn(3, layer.in_features)
     torch.testing.assert_close(merged(x), layer(x), rtol=0, atol=1e-5)
-
-
-def test_target_modules_by_name_regex_and_all_linear():
-    _, m = H.make("llama", {**CFG, "target_modules": ["q_proj", "v_proj"]})
-    assert sorted({n.split(".")[-1] for n in m.layers}) == ["q_proj", "v_proj"]
-    _, m = H.make("llama", {**CFG, "target_modules": r".*layers\.0\.mlp\.(up|down)_proj"})
-    assert sorted(m.layers) == ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"]
-    model, m = H.make("llama", {**CFG, "target_modules": "all-linear"})
-    assert len(m.layers) == 14 and "lm_head" not in m.layers
-    assert all(isinstance(model.get_submodule(n), AdapterLayer) for n in m.layers)
-
-
-def test_target_that_matches_nothing_lists_names():
-    from lorakit.errors import LorakitError
-
-    with pytest.raises(LorakitError, match="matches no module.*q_proj"):
-        H.make("llama", {**CFG, "target_modules": ["query"]})
-    with pytest.raises(LorakitError, match="not a linear layer"):
-        H.make("llama", {**CFG, "target_modules": ["self_attn"]})
 
 
 def test_dropout_only_on_branch():

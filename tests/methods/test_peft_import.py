@@ -1,8 +1,7 @@
-"""``model.adapter`` (lorakit.methods.peft_import, lorakit.session): a PEFT LoRA / DoRA folder saved by peft itself, with random
+"""lorakit.methods.peft_import (``model.adapter``): a PEFT LoRA / DoRA folder saved by peft itself, with random
 weights, loaded into lorakit's model gives PEFT's logits; mismatches are clear errors."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,10 +12,8 @@ from lorakit.config import recipe_from_dict
 from lorakit.errors import LorakitError
 from lorakit.methods import build_method
 from lorakit.methods.peft_import import load_peft_weights
-from lorakit.session import apply_adapter_config, load_run, load_session, recipe_weights
-from lorakit.train.loop import Trainer
+from lorakit.session import apply_adapter_config
 from tests.conftest import TINY_MODELS, tiny_inputs
-from tests.test_quant import save_tiny
 
 QUIET = Console(quiet=True)
 
@@ -89,25 +86,3 @@ def test_mismatches_name_model_adapter(tmp_path):
         lorakit_model(tmp_path)
     with pytest.raises(LorakitError, match="not a PEFT adapter folder"):
         lorakit_model(tmp_path / "nowhere")
-
-
-def test_train_session_starts_from_the_adapter(tmp_path):
-    """Through load_session on a saved tiny base: the model is PEFT's before any step, the recipe records
-    the adapter's r, and a checkpoint session does not need the adapter folder."""
-    save_tiny(tmp_path, texts=20)
-    expected = peft_adapter(tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["k_proj"])
-    recipe = recipe_from_dict({
-        "model": {"name_or_path": str(tmp_path), "adapter": str(tmp_path / "adapter")},
-        "method": {"name": "lora", "lora_dropout": 0.0},
-        "data": {"source": str(tmp_path / "data.jsonl"), "format": "text", "max_seq_length": 16},
-        "train": {"max_steps": 1, "batch_size": 4, "num_samples": 0, "precision": "fp32"},  # PEFT's fp32 at 2e-5
-        "output_dir": str(tmp_path / "run"),
-    })
-    session = load_session(recipe, recipe_weights(recipe), QUIET)
-    assert recipe.method.r == 2 and session.recipe.method.target_modules == ["k_proj"]
-    torch.testing.assert_close(logits(session.model), expected, rtol=0, atol=2e-5)
-    Trainer(session.model, session.tokenizer, session.method, session.data, recipe, session.device, QUIET).train()
-    shutil.rmtree(tmp_path / "adapter")
-    reloaded, _ = load_run(tmp_path / "run", QUIET)
-    assert reloaded.method.cfg.r == 2
-    torch.testing.assert_close(logits(reloaded.model), logits(session.model), rtol=0, atol=0)
