@@ -13,7 +13,8 @@ from pydantic import Field
 from lorakit.methods import REGISTRY, LoraConfig, Method, register
 from lorakit.methods.lora import LoraLayer
 from lorakit.session import load_run
-from tests.helpers_cli import invoke, recipe_dict, tiny_model_dir, write_recipe  # noqa: F401 (fixture)
+from tests.helpers_cli import invoke
+from tests.tiny_run import tiny_recipe, tiny_world, write_recipe  # noqa: F401 (tiny_world: a fixture)
 
 
 class RootConfig(LoraConfig):
@@ -46,11 +47,10 @@ def registered():
     REGISTRY.pop(RootLora.name)
 
 
-def _train(tmp_path, model_dir, name: str, max_steps: int, *extra: str):
-    data = recipe_dict(model_dir, tmp_path / name, method={"name": "lora_root", "r": 4, "lora_alpha": 8,
-                                                           "root": 3, "lora_dropout": 0.0},
-                       train={"max_steps": max_steps, "save_every": None, "lr_scheduler": "constant",
-                              "learning_rate": 1e-2, "precision": "fp32"})
+def _train(tmp_path, world, name: str, max_steps: int, *extra: str):
+    data = tiny_recipe(world, tmp_path / name, method={"name": "lora_root", "r": 4, "lora_alpha": 8,
+                                                       "root": 3, "lora_dropout": 0.0},
+                       train={"max_steps": max_steps, "lr_scheduler": "constant"})
     recipe = write_recipe(tmp_path / f"{name}.yaml", data)
     result = invoke("train", recipe, *extra)
     assert result.exit_code == 0, (result.output, result.exception)
@@ -66,8 +66,8 @@ def _difference(output: str) -> float:
     return float(re.search(r"logit difference\|[^:]*: ([0-9.e+-]+)", output).group(1))
 
 
-def test_a_method_defined_in_one_file_runs_every_command(registered, tmp_path, tiny_model_dir):
-    recipe = _train(tmp_path, tiny_model_dir, "run", 4)
+def test_a_method_defined_in_one_file_runs_every_command(registered, tmp_path, tiny_world):
+    recipe = _train(tmp_path, tiny_world, "run", 4)
     run = tmp_path / "run"
     session, _ = load_run(run)
     layer = next(iter(session.method.layers.values()))
@@ -87,7 +87,7 @@ def test_a_method_defined_in_one_file_runs_every_command(registered, tmp_path, t
     assert _difference(result.stdout) < 1e-4  # PEFT's LoRA with lora_alpha = s·r reproduces the scaling
     assert (run / "final" / "peft" / "adapter_config.json").is_file()
 
-    _train(tmp_path, tiny_model_dir, "cut", 2)  # the same run stopped at step 2, then resumed to 4
+    _train(tmp_path, tiny_world, "cut", 2)  # the same run stopped at step 2, then resumed to 4
     result = invoke("train", tmp_path / "cut.yaml", "train.max_steps=4", "--resume")
     assert result.exit_code == 0, (result.output, result.exception)
     full, resumed = _losses(run), _losses(tmp_path / "cut")
@@ -96,7 +96,7 @@ def test_a_method_defined_in_one_file_runs_every_command(registered, tmp_path, t
     assert recipe.is_file()
 
 
-def test_the_field_of_a_method_is_validated_by_it(registered, tmp_path, tiny_model_dir):
-    data = recipe_dict(tiny_model_dir, tmp_path / "bad", method={"name": "lora_root", "root": 0.5})
+def test_the_field_of_a_method_is_validated_by_it(registered, tmp_path, tiny_world):
+    data = tiny_recipe(tiny_world, tmp_path / "bad", method={"name": "lora_root", "root": 0.5})
     result = invoke("train", write_recipe(tmp_path / "bad.yaml", data))
     assert result.exit_code == 2 and "method.root" in result.output
