@@ -35,15 +35,37 @@ def train(
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. train.max_steps=20."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its latest checkpoint."),
     trust_remote_code: bool = TRUST,
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="Start this many "
+                                                 "processes on this machine (torchrun; one per GPU)."),
 ) -> None:
-    """Fine-tune the recipe's model with its adapter method; writes checkpoints and metrics.jsonl."""
+    """Fine-tune the recipe's model with its adapter method; writes checkpoints and metrics.jsonl.
+
+    Under torchrun (``torchrun --nproc_per_node N -m lorakit train RECIPE``) each process trains its share."""
+    if nproc_per_node is not None:
+        from lorakit.launch import launch_local
+
+        flags = ["--resume"] * resume + ["--trust-remote-code"] * trust_remote_code
+        raise typer.Exit(launch_local(nproc_per_node, [str(recipe), *(overrides or []), *flags], console))
+    from lorakit import world as world_
+
+    world = world_.start()
     try:
         from lorakit.train.run import run_training
 
         extra = ["model.trust_remote_code=true"] if trust_remote_code else []
-        run_training(recipe, [*(overrides or []), *extra], resume, console)
+        run_training(recipe, [*(overrides or []), *extra], resume, console, world=world)
     except LorakitError as err:
-        _fail(err)
+        _fail(type(err)(f"{world.label()}: {err}") if world.size > 1 else err)
+    except Exception as err:
+        if world.size == 1:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        console.print(f"[bold red]error:[/] {world.label()} failed: {type(err).__name__}: {escape(str(err))}",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    world_.close(world)  # not after a failure: a peer may still wait in a collective
 
 
 @app.command("eval")

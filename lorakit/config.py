@@ -105,6 +105,9 @@ class TrainConfig(Section):
         raise ValueError("expected auto, cudagraphs, true or false")
     optimizer: Literal["auto", "adamw", "paged_adamw"] = Field("auto", description=
         "auto: paged AdamW (bitsandbytes) over a 4/8-bit base on CUDA, else AdamW")
+    distributed: Literal["auto", "ddp", "fsdp"] = Field("auto", description=
+        "several processes (torchrun): auto = DDP when more than one process; fsdp = FSDP2, the frozen base "
+        "and the adapters sharded over the processes (also on one process); train.batch_size is per process")
     report_to: list[Literal["tensorboard", "trackio", "wandb", "mlflow"]] = Field([], description=
         "trackers fed the metrics.jsonl records and the recipe (each an extra: pip install 'lorakit[NAME]')")
     project: str = Field("lorakit", description="project (trackio, wandb) or experiment (mlflow) of the tracked run")

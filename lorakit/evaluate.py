@@ -22,6 +22,22 @@ def eager_only():
     return stance("force_eager") if stance is not None else contextlib.nullcontext()
 
 
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """``(num_labels, num_labels)`` int64 counts, rows = gold label, columns = prediction."""
+    flat = labels.long() * num_labels + preds.long()
+    return torch.bincount(flat, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
+
+
+def confusion_metrics(confusion: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, macro-F1) from a confusion matrix; macro-F1 as :func:`macro_f1`."""
+    tp = confusion.diag().double()
+    fp, fn = confusion.sum(0).double() - tp, confusion.sum(1).double() - tp
+    denom = 2 * tp + fp + fn
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    accuracy = (torch.tensor(float(tp.sum()), dtype=torch.float32) / max(1, int(confusion.sum()))).item()
+    return accuracy, float(f1.mean())
+
+
 def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float:
     """Unweighted mean over classes of F1 = 2·TP / (2·TP + FP + FN); a class absent from both counts 0."""
     scores = []
@@ -35,7 +51,7 @@ def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> floa
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device: torch.device,
-                   cross_entropy: str = "full", precision: str = "auto") -> dict:
+                   cross_entropy: str = "full", precision: str = "auto", reduce=None) -> dict:
     """Metrics over all ``batches`` (collated dicts with ``labels``), from the training loss
     (:func:`lorakit.loss.batch_loss`) summed over every batch and divided once.
 
@@ -45,6 +61,8 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device:
     :mod:`lorakit.fast.cross_entropy`) sums the causal-LM loss without full-vocabulary logits where the
     model allows it; ``full`` always computes the logits. ``precision`` (``train.precision``: auto,
     bf16, fp32; :mod:`lorakit.precision`) is the autocast decision, the same as training's.
+    ``reduce`` (a distributed run: sum over ranks, in place) combines the loss sums, counts and the
+    confusion matrix of every rank's share before the metrics are formed; rows labelled -100 count nowhere.
     """
     was_training = model.training
     model.eval()
@@ -55,19 +73,23 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], task: str, device:
         total += out.summed.item()
         count += out.items
         if out.logits is not None:
-            preds.append(out.logits.argmax(-1).cpu())
-            golds.append(out.labels.cpu())
+            keep = out.labels != -100
+            preds.append(out.logits.argmax(-1)[keep].cpu())
+            golds.append(out.labels[keep].cpu())
     model.train(was_training)
+    if reduce is not None:
+        sums = reduce(torch.tensor([total, float(count)], dtype=torch.float64))
+        total, count = float(sums[0]), int(sums[1])
     loss = total / max(1, count)
     if task == "seq_cls":
-        p, g = torch.cat(preds), torch.cat(golds)
+        p = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+        g = torch.cat(golds) if golds else torch.zeros(0, dtype=torch.long)
         num_labels = int(model.config.num_labels)
-        return {
-            "eval_loss": loss,
-            "accuracy": (p == g).float().mean().item(),
-            "macro_f1": macro_f1(p, g, num_labels),
-            "eval_examples": count,
-        }
+        if reduce is None:
+            accuracy, f1 = (p == g).float().mean().item(), macro_f1(p, g, num_labels)
+        else:
+            accuracy, f1 = confusion_metrics(reduce(confusion_matrix(p, g, num_labels)))
+        return {"eval_loss": loss, "accuracy": accuracy, "macro_f1": f1, "eval_examples": count}
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
 

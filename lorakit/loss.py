@@ -34,9 +34,9 @@ class BatchLoss:
 
 
 def count_loss_items(batch: dict, task: str) -> int:
-    """Tokens that carry loss (causal LM, shifted by one) or examples (classification)."""
+    """Tokens that carry loss (causal LM, shifted by one) or examples (classification; -100: none)."""
     labels = batch["labels"]
-    return labels.numel() if task == "seq_cls" else int((labels[:, 1:] != IGNORE).sum())
+    return int((labels != IGNORE).sum()) if task == "seq_cls" else int((labels[:, 1:] != IGNORE).sum())
 
 
 def without_causal_padding_mask(batch: dict, task: str = "causal_lm") -> dict:

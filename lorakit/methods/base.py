@@ -22,6 +22,7 @@ from lorakit.methods.layer import AdapterLayer, base_weight, is_conv1d, kaiming_
 from lorakit.methods.param_groups import build_param_groups
 from lorakit.methods.peft_export import export_lora_family
 from lorakit.methods.peft_import import load_peft_weights
+from lorakit.world import World
 
 __all__ = ["AdapterLayer", "Method", "base_weight", "is_conv1d", "kaiming_uniform_", "layer_shape"]
 
@@ -39,6 +40,11 @@ class Method:
       - ``state_dict()`` / ``load_state_dict(state)``: JSON-able method state for checkpoints.
       - ``export_peft(model)`` / ``imports_peft(config)`` + ``load_peft(model, path)``: PEFT folders.
       - ``set_rank(b)``: evaluate, merge and export at another rank (methods with a variable rank).
+
+    ``world`` (:class:`lorakit.world.World`, set by the trainer): the processes of a distributed run,
+    for hooks that must agree across ranks (DyLoRA broadcasts its rank draw, LoRA-drop reduces its
+    selection pass). ``shardable`` False: the method cannot run under FSDP (``unsharded_reason`` says
+    why) and runs under DDP instead.
     """
 
     name: ClassVar[str]
@@ -48,6 +54,9 @@ class Method:
     layer_class: ClassVar[type[AdapterLayer]]
     mergeable: ClassVar[bool] = True
     default_quantization: ClassVar[str | None] = None  # model.quantization when the recipe leaves it unset
+    shardable: ClassVar[bool] = True
+    unsharded_reason: ClassVar[str] = ""
+    world: World = World()  # set per instance by the trainer
     HOOKS: ClassVar[tuple[str, ...]] = (
         "prepare", "param_groups", "before_step", "after_optimizer_step", "evaluate", "merge",
         "state_dict", "export_peft",

@@ -44,6 +44,7 @@ from lorakit.methods.registry import register
 from lorakit.methods.base import Method
 from lorakit.methods.lora import LoraLayer, adapter_input
 from lorakit.methods.peft_export import lora_export
+from lorakit.world import full_tensor
 
 
 class DeltaLoraConfig(LoraConfig):
@@ -75,9 +76,10 @@ class DeltaLoraLayer(LoraLayer):
 
     @torch.no_grad()
     def take_snapshot(self) -> None:
-        """Copy the current (A, B) into (A_K, B_K) and switch the W update on."""
-        self.snapshot_A.copy_(self.lora_A.weight)
-        self.snapshot_B.copy_(self.lora_B.weight)
+        """Copy the current (A, B) into (A_K, B_K) and switch the W update on (FSDP: A and B gathered
+        whole on every rank, so the W update is the same everywhere)."""
+        self.snapshot_A.copy_(full_tensor(self.lora_A.weight))
+        self.snapshot_B.copy_(full_tensor(self.lora_B.weight))
         self.delta_active = True
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

@@ -175,6 +175,8 @@ class DyLora(Method):
     trains = "lora_A, lora_B (rank b drawn per step; frozen: only row/column b)"
     config_class = DyLoraConfig
     layer_class = DyLoraLayer
+    shardable = False
+    unsharded_reason = "it restores whole rank slices of A and B after each optimizer step"
 
     def export_peft(self, model: nn.Module):
         """Plain PEFT LoRA of the current rank b (:meth:`set_rank`): A[:b], B[:, :b], s_b = α/b (rsLoRA: α/√b)."""
@@ -192,8 +194,9 @@ class DyLora(Method):
 
     # ---- training ------------------------------------------------------------------------------
     def draw_rank(self) -> int:
-        """b ~ U{1..r} from the global torch RNG (checkpointed, so resume draws the same b)."""
-        return int(torch.randint(1, self.cfg.r + 1, ()).item())
+        """b ~ U{1..r} from the global torch RNG (checkpointed, so resume draws the same b); on several
+        processes rank 0's draw, broadcast, so every rank trains the same b."""
+        return self.world.broadcast_int(int(torch.randint(1, self.cfg.r + 1, ()).item()))
 
     def start_step(self, b: int) -> None:
         """Train the coming step at rank b; snapshot A and B to restore the untrained rows afterwards."""

@@ -68,6 +68,8 @@ class LoraDrop(Method):
     trains = "lora_A, lora_B (kept modules: own pair; others: one shared pair per shape)"
     config_class = LoraDropConfig
     layer_class = LoraLayer
+    shardable = False
+    unsharded_reason = "its non-kept modules share one A/B pair across layers"
 
     def __init__(self, cfg: LoraDropConfig):
         super().__init__(cfg)
@@ -132,9 +134,10 @@ class LoraDrop(Method):
                     param.copy_(snapshot[name])
         selection["adapter_parameters"] = {"before": before, "after": self.adapter_parameter_count()}
         ctx.console.print(self.selection_table())
-        run_dir = Path(ctx.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / SELECTION_FILE).write_text(json.dumps(selection, indent=1))
+        if ctx.world.is_main:
+            run_dir = Path(ctx.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / SELECTION_FILE).write_text(json.dumps(selection, indent=1))
 
     def selection_table(self) -> Table:
         s = self.selection

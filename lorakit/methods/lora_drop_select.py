@@ -57,7 +57,9 @@ def sample_indices(dataset, fraction: float, seed: int, stratify: bool) -> list[
 
 def brief_training(ctx, subset: list, epochs: int, batch_size: int, groups: list[dict]) -> None:
     """``epochs`` passes over ``subset`` with a fresh AdamW over ``groups`` (the method's parameter
-    groups: each its own lr and weight decay), constant lr, the recipe's gradient clipping."""
+    groups: each its own lr and weight decay), constant lr, the recipe's gradient clipping. On several
+    processes each rank runs its share of every batch (``batch_size`` rows per rank) and the gradients
+    are summed over ranks before the step, so every rank takes the one-process step."""
     if epochs == 0:
         return
     cfg = ctx.recipe.train
@@ -66,8 +68,10 @@ def brief_training(ctx, subset: list, epochs: int, batch_size: int, groups: list
     ctx.model.train()
     for epoch in range(epochs):
         for batch in ctx.batches(subset, batch_size, cfg.seed + epoch):
-            loss = ctx.loss_fn(batch)
-            loss.backward()
+            items = ctx.global_items(batch)
+            if batch is not None:  # None: this rank's share of a short last batch is empty
+                ctx.loss_fn(batch, items).backward()
+            ctx.world.sum_gradients(params)
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -105,6 +109,8 @@ def importance_scores(ctx, layers: dict[str, LoraLayer], subset: list, batch_siz
     ctx.model.eval()
     try:
         for batch in ctx.batches(subset, batch_size, None):
+            if batch is None:
+                continue
             mask = batch.get("attention_mask")
             state["mask"] = None if mask is None else mask.to(ctx.device)
             ctx.loss_fn(batch)
@@ -112,7 +118,8 @@ def importance_scores(ctx, layers: dict[str, LoraLayer], subset: list, batch_siz
         for handle in handles:
             handle.remove()
         ctx.model.train(was_training)
-    return {name: float(value) for name, value in scores.items()}
+    total = ctx.world.all_reduce_sum(torch.stack(list(scores.values())))  # several processes: every share
+    return {name: float(value) for name, value in zip(scores, total)}
 
 
 def choose_kept(scores: dict[str, float], threshold: float) -> tuple[list[str], dict[str, float]]:

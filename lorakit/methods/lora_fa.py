@@ -37,6 +37,7 @@ from lorakit.methods.config import LoraConfig
 from lorakit.methods.registry import register
 from lorakit.methods.lora import Lora, LoraLayer, adapter_input
 from lorakit.methods.peft_export import export_lora_family
+from lorakit.world import full_tensor
 
 
 class LoraFaConfig(LoraConfig):
@@ -101,7 +102,7 @@ class LoraFaLayer(LoraLayer):
         """P = pinv(AAᵀ)/s² ``(r, r)`` fp32, recomputed only when A changed (a load). Runs eagerly: the
         trainer calls it before each step (:meth:`LoraFa.before_step`), so a compiled forward only reads
         the buffer (a pseudo-inverse inside a CUDA graph would need a host sync)."""
-        A = self.lora_A.weight
+        A = full_tensor(self.lora_A.weight)  # FSDP: outside the forward A is a shard
         key = (A._version, A.data_ptr(), A.device)
         if self.projection is None or key != self._projection_of:
             with torch.autocast(A.device.type, enabled=False):  # pinv needs fp32 (no bf16 kernel)

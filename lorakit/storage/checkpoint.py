@@ -39,11 +39,19 @@ class NoCheckpoint(LorakitError):
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors by dotted name; a tensor shared by several layers is stored once."""
+    """Adapter tensors by dotted name; a tensor shared by several layers is stored once. FSDP shards
+    (``DTensor``) are gathered whole: under FSDP every rank must call this (a collective)."""
+    from torch.distributed.tensor import DTensor
+
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
 
     def put(key: str, tensor: torch.Tensor) -> None:
+        if key in out:
+            return
+        if isinstance(tensor, DTensor):  # the same calls on every rank: no pointer-based skipping
+            out[key] = tensor.full_tensor().detach().contiguous().cpu()
+            return
         if tensor.data_ptr() in seen:
             return
         seen.add(tensor.data_ptr())
@@ -128,23 +136,29 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
     step: int | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    world_size: int = 1,
 ) -> Path:
-    """Write a checkpoint folder at ``path`` atomically (temp folder, fsync, rename)."""
+    """Write a checkpoint folder at ``path`` atomically (temp folder, fsync, rename).
+
+    ``optimizer``: the optimizer or its whole state dict; ``tensors``: the adapter tensors when gathered
+    already (:func:`adapter_state_dict`); ``world_size``: processes of the run (``trainer.json``)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = {"format": "lorakit", **trust.base_record(recipe)}  # the base it was trained on (lorakit.trust)
-    save_file(adapter_state_dict(model), str(tmp / ADAPTER_FILE), metadata=meta)
+    save_file(adapter_state_dict(model) if tensors is None else tensors, str(tmp / ADAPTER_FILE), metadata=meta)
     (tmp / "method.json").write_text(json.dumps(method.state_dict(), indent=1))
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     if optimizer is not None:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+        optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng}
         torch.save(state, tmp / "trainer_state.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"step": step}))
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "world_size": world_size}))
     _fsync_dir(tmp)
     kill_point(f"save:{path.name}:written")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -182,6 +196,16 @@ def read_trainer_step(path: Path) -> int:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise LorakitError(f"{Path(path) / 'trainer.json'}: not a valid lorakit checkpoint file (no step)")
     return step
+
+
+def read_trainer_world_size(path: Path) -> int:
+    """The number of processes that wrote a training checkpoint (``trainer.json``; 1 when not recorded).
+    Raises LorakitError if invalid."""
+    data = trust.read_json(Path(path) / "trainer.json", "lorakit checkpoint file")
+    size = data.get("world_size", 1) if isinstance(data, dict) else None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise LorakitError(f"{Path(path) / 'trainer.json'}: not a valid lorakit checkpoint file (world_size)")
+    return size
 
 
 STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from torch import nn
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lorakit.config import recipe_to_dict
-from lorakit.data.batches import MicroBatches, iterate_batches
+from lorakit.data.batches import Blank, MicroBatches, iterate_batches, shared_batches
 from lorakit.device import synchronize
 from lorakit.evaluate import evaluate_model
 from lorakit.fast import accelerate, resolve_cross_entropy
@@ -31,13 +32,19 @@ from lorakit.precision import recipe_precision
 from lorakit.storage import checkpoint as ckpt
 from lorakit.storage.peft import write_peft_folder
 from lorakit.train.interrupt import StopSignals, Stopped
+from lorakit.train import distributed as dist_
 from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.stats import StepStats, skips_nonfinite_on_device
+from lorakit.world import World
 
 
 @dataclass
 class TrainContext:
-    """What the ``prepare`` hook may use: the model, data, devices and a loss function."""
+    """What the ``prepare`` hook may use: the model, data, devices, a loss function and the world.
+
+    ``batches`` yields this rank's share of each global batch of ``batch_size`` × world size rows (None
+    for an empty share); ``global_items`` is the loss-item count of the whole global batch (every rank
+    must call it, also for None), to pass to ``loss_fn(batch, items)``."""
 
     model: torch.nn.Module
     tokenizer: Any
@@ -46,14 +53,24 @@ class TrainContext:
     device: torch.device
     console: Console
     run_dir: Path
-    loss_fn: Callable[[dict], torch.Tensor] = field(repr=False, default=None)
+    loss_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
+    world: World = field(default_factory=World)
 
-    def batches(self, dataset, batch_size: int, seed: int = 0) -> Iterator[dict]:
-        return iterate_batches(dataset, self.data.collate, batch_size, seed)
+    def batches(self, dataset, batch_size: int, seed: int = 0) -> Iterator[dict | None]:
+        if self.world.size == 1:
+            return iterate_batches(dataset, self.data.collate, batch_size, seed)
+        return shared_batches(dataset, self.data.collate, batch_size, self.world.rank, self.world.size,
+                              seed, blank=False)
+
+    def global_items(self, batch: dict | None) -> int:
+        items = 0 if batch is None else count_loss_items(batch, self.recipe.model.task)
+        return int(self.world.all_reduce_sum(torch.tensor(items)).item()) if self.world.size > 1 else items
 
 
 def count_tokens(batch: dict) -> int:
-    """Tokens of a batch, padding excluded where an attention mask marks it."""
+    """Tokens of a batch, padding excluded where an attention mask marks it (a :class:`Blank`: none)."""
+    if isinstance(batch, Blank):
+        return 0
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
@@ -85,30 +102,54 @@ class StepLog:
         self.progress.update(self.bar, completed=stats.step)
 
 
+class LossHead(nn.Module):
+    """The training forward as one module call, batch → summed loss (what DDP wraps: its reducer must
+    see the forward, and the chunked loss calls the backbone and the head's weight directly)."""
+
+    def __init__(self, trainer: "Trainer"):
+        super().__init__()
+        self.model, self.trainer = trainer.model, [trainer]  # a list: not a submodule
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        t = self.trainer[0]
+        return batch_loss(self.model, batch, t.task, t.device, t.cross_entropy, t.precision,
+                          new_graph_step=t.cuda_graphs).summed
+
+
 class Trainer:
     """Runs one recipe's training on an adapter-carrying model."""
 
     def __init__(self, model, tokenizer, method, data, recipe, device: torch.device, console: Console,
-                 allow_compile: bool = True):
+                 allow_compile: bool = True, world: World | None = None):
         """``allow_compile=False`` for evaluation alone (``lorakit eval``): compiling and recording CUDA graphs
-        costs more than one evaluation pass saves, so ``train.compile`` is ignored then."""
+        costs more than one evaluation pass saves, so ``train.compile`` is ignored then. ``world``: the
+        processes of a distributed run (:mod:`lorakit.train.distributed`; default one process); under
+        FSDP the model is sharded here."""
         self.model, self.tokenizer, self.method, self.data = model, tokenizer, method, data
         self.recipe, self.device, self.console = recipe, device, console
+        self.world = world = world or World()
+        method.world = world  # hooks learn the world through the trainer
         self.run_dir = Path(recipe.output_dir)
         self.task = recipe.model.task
         cfg = recipe.train
-        self.micro = MicroBatches(data.train, data.collate, cfg.batch_size, cfg.seed)
+        self.micro = MicroBatches(data.train, data.collate, cfg.batch_size * world.size, cfg.seed,
+                                  world.rank, world.size)
         steps_per_epoch = math.ceil(self.micro.per_epoch / cfg.gradient_accumulation_steps)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
         self.steps_per_epoch = steps_per_epoch
         self.step = 0
         self.train_seconds = 0.0  # wall time inside optimizer steps (no evaluation or saving)
         self.cross_entropy = resolve_cross_entropy(cfg.cross_entropy, device)  # lorakit.fast
+        if world.mode == "fsdp":  # the chunked loss reads the head's weight outside FSDP's root forward
+            self.cross_entropy = "full"
         self.precision = recipe_precision(recipe, device)  # bf16 autocast or fp32 (lorakit.precision), eval too
         # auto compiles neither over a k-bit base (memory, docs/benchmarks.md) nor with activation
         # checkpointing (recomputation inside CUDA graphs: not measured)
         auto_ok = recipe.model.quantization is None and not recipe.model.gradient_checkpointing
-        mode = compile_mode(cfg, device, auto_ok, auto_graphs=cfg.gradient_accumulation_steps == 1) if allow_compile else None
+        auto_graphs = cfg.gradient_accumulation_steps == 1 and world.mode != "fsdp"  # no CUDA graphs around FSDP's collectives
+        mode = compile_mode(cfg, device, auto_ok, auto_graphs=auto_graphs) if allow_compile else None
+        if world.mode == "fsdp" and mode == "reduce-overhead":
+            mode = "default"
         self.levers = accelerate(model, cfg, device, mode)  # lorakit.fast
         self.cuda_graphs = mode == "reduce-overhead" and decoder_layers(model) is not None
         self.padded_to = None  # batch widths rounded up to a multiple of this (CUDA graphs)
@@ -117,43 +158,74 @@ class Trainer:
         self.on_checkpoint: list[Callable[[Path], None]] = []
         if self.cuda_graphs and hasattr(data.collate, "pad_to_multiple_of"):
             data.collate.pad_to_multiple_of = self.padded_to = CUDA_GRAPH_PAD  # each new shape records new graphs
+        self.engine: nn.Module | None = None  # DDP(LossHead) from train(), after the prepare hook
+        if world.mode == "fsdp":
+            dist_.wrap_fsdp(model, decoder_layers(model))
 
     # ---- pieces ---------------------------------------------------------------------------------
     def loss(self, batch: dict, num_items: int | None = None) -> torch.Tensor:
         """Loss of one batch (:func:`lorakit.loss.batch_loss`, as evaluation computes it): the sum over
-        loss items divided by ``num_items`` (default: its own)."""
+        loss items divided by ``num_items`` (default: its own). Under DDP through the wrapper."""
+        if self.engine is not None:
+            return self.engine(batch) / (num_items or count_loss_items(batch, self.task))
         out = batch_loss(self.model, batch, self.task, self.device, self.cross_entropy, self.precision,
                          new_graph_step=self.cuda_graphs)  # a new iteration: graph outputs may be overwritten
         return out.summed / (num_items or out.items)
 
     def evaluate(self, **options) -> dict:
+        """Held-out metrics (:func:`lorakit.evaluate.evaluate_model`); on several processes each rank
+        evaluates its share of every global eval batch and the sums are all-reduced."""
         bs = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
+        world = self.world
 
         def run_eval() -> dict:
-            batches = iterate_batches(self.data.eval, self.data.collate, bs, seed=None)
-            return evaluate_model(self.model, batches, self.task, self.device, self.cross_entropy, self.precision)
+            if world.size == 1:
+                batches = iterate_batches(self.data.eval, self.data.collate, bs, seed=None)
+                return evaluate_model(self.model, batches, self.task, self.device, self.cross_entropy, self.precision)
+            batches = shared_batches(self.data.eval, self.data.collate, bs, world.rank, world.size)
+            return evaluate_model(self.model, batches, self.task, self.device, self.cross_entropy, self.precision,
+                                  reduce=world.all_reduce_sum)
 
         return self.method.evaluate(run_eval, **options)
 
     def context(self) -> TrainContext:
         return TrainContext(self.model, self.tokenizer, self.data, self.recipe, self.device,
-                            self.console, self.run_dir, loss_fn=self.loss)
+                            self.console, self.run_dir, loss_fn=self.loss, world=self.world)
 
     def _log(self, record: dict) -> None:
+        if not self.world.is_main:  # rank 0 alone writes and reports
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
         for callback in self.on_record:
             callback(record)
 
     def _save(self, optimizer, scheduler) -> Path:
+        """A training checkpoint, whole (FSDP shards gathered on every rank), written by rank 0 alone."""
         path = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
-        ckpt.save_checkpoint(path, self.model, self.method, recipe_to_dict(self.recipe),
-                             optimizer, scheduler, self.step)
-        ckpt.mark_latest(self.run_dir, path)
+        tensors = ckpt.adapter_state_dict(self.model)
+        state = dist_.full_optimizer_state(optimizer) if self.world.mode == "fsdp" else optimizer.state_dict()
+        if self.world.is_main:
+            ckpt.save_checkpoint(path, self.model, self.method, recipe_to_dict(self.recipe), state, scheduler,
+                                 self.step, tensors=tensors, world_size=self.world.size)
+            ckpt.mark_latest(self.run_dir, path)
         self.last_checkpoint, self.saved_step = path, self.step
-        for callback in self.on_checkpoint:
-            callback(path)
+        if self.world.is_main:
+            for callback in self.on_checkpoint:
+                callback(path)
+        self.world.barrier()
         return path
+
+    def _save_final(self) -> None:
+        """``final/`` (adapter, method state, recipe) and its PEFT copy, written by rank 0 alone; under
+        FSDP the whole model is gathered for the copy (``FSDPModule.unshard``)."""
+        tensors = ckpt.adapter_state_dict(self.model)
+        with dist_.unsharded(self.model, self.world):
+            if self.world.is_main:
+                ckpt.save_checkpoint(self.run_dir / "final", self.model, self.method,
+                                     recipe_to_dict(self.recipe), tensors=tensors)
+                self._save_peft(self.run_dir / "final" / "peft")
+        self.world.barrier()
 
     def _save_peft(self, folder: Path) -> None:
         """A PEFT-format copy of the final adapter, when the method has a PEFT equivalent."""
@@ -184,21 +256,29 @@ class Trainer:
         A non-finite loss or gradient norm never reaches the weights: torch's fused AdamW (CUDA) skips
         that update on the device (``found_inf``) and :meth:`StepStats.read` raises later; other
         optimizers are checked here, before the update. Raises LorakitError in the second case."""
-        cfg = self.recipe.train
+        cfg, world = self.recipe.train, self.world
         self.method.before_step(self.step)
         items = sum(count_loss_items(b, self.task) for b in batches)
+        tokens = sum(count_tokens(b) for b in batches)
+        if world.size > 1:  # the loss is token-weighted over the whole step: every rank divides by all items
+            items, tokens = (int(v) for v in world.all_reduce_sum(torch.tensor([items, tokens])).tolist())
+        scale = world.size if world.mode in ("ddp", "fsdp") else 1  # DDP / FSDP average gradients over ranks
         loss_sum = None
         for k, batch in enumerate(batches):
-            loss = self.loss(batch, num_items=items)
-            loss.backward()
+            with dist_.gradient_sync(self.engine, self.model, world, k == len(batches) - 1):
+                loss = self.loss(batch, num_items=items)
+                (loss * scale if scale != 1 else loss).backward()
             if self.cuda_graphs and k == 0 and len(batches) > 1:  # the first .grad may live in a CUDA
                 self._own_grads(optimizer)  # graph's pool, which the next micro-batch's replay overwrites
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+        loss_sum = world.all_reduce_sum(loss_sum)
         grad_norm = None
         if cfg.max_grad_norm is not None:
             trainable = [p for g in optimizer.param_groups for p in g["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            clip = dist_.clip_grad_norm if world.mode == "fsdp" else torch.nn.utils.clip_grad_norm_
+            grad_norm = clip(trainable, cfg.max_grad_norm)
         stats = StepStats(self.step + 1, loss_sum, grad_norm)
+        stats.tokens = tokens
         if skips_nonfinite_on_device(optimizer):
             optimizer.found_inf = stats.nonfinite()
         else:
@@ -225,17 +305,21 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
             self.method.prepare(self.context())
+        if self.world.mode == "ddp":  # after prepare: LoRA-drop's selection replaces modules
+            dist_.sync_adapters(self.model, self.world)
+            self.engine = dist_.wrap_ddp(LossHead(self))
         self.model.train()
         optimizer, scheduler = self.make_optimizer()
         self.console.print(f"[dim]speed: {', '.join(self.speed_summary())}[/dim]")
         if resume_from is not None:
             state = ckpt.load_trainer_state(resume_from)
-            optimizer.load_state_dict(state["optimizer"])
+            dist_.load_optimizer_state(optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            ckpt.restore_rng(state["rng"])
+            ckpt.restore_rng(state["rng"])  # rank 0's, on every rank (rank 0 keeps the one-process stream)
             self.step = ckpt.read_trainer_step(resume_from)
             self.console.print(f"Resuming from {escape(str(resume_from))} at step {self.step}")
         self.last_checkpoint, self.saved_step = resume_from, self.step
+        self.world.decorrelate_rng(self.recipe.train.seed, self.step)
         return optimizer, scheduler
 
     def train(self, resume_from: Path | None = None, stop: StopSignals | None = None) -> dict:
@@ -262,7 +346,7 @@ class Trainer:
                         batches = [self.micro[self.step * accum + i] for i in range(accum)]
                         step_start = time.perf_counter()
                         stats = self.optimizer_step(batches, optimizer, scheduler)
-                        stats.tokens, stats.started = sum(count_tokens(b) for b in batches), step_start
+                        stats.started = step_start
                         kill_point(f"step:{self.step}")
                         if pending is not None:
                             log.record(pending)
@@ -302,7 +386,6 @@ class Trainer:
         metrics = self.evaluate()
         self._log({"step": self.step, **metrics})
         with stop.holding():
-            ckpt.save_checkpoint(self.run_dir / "final", self.model, self.method, recipe_to_dict(self.recipe))
-            self._save_peft(self.run_dir / "final" / "peft")
+            self._save_final()
         self.console.print(f"Saved {escape(str(last))} and {escape(str(self.run_dir / 'final'))}")
         return metrics

@@ -17,16 +17,29 @@ from lorakit.precision import recipe_precision
 from lorakit.session import Checkpoint, load_session, parameter_table, recipe_weights
 from lorakit.storage import checkpoint as ckpt
 from lorakit.train.interrupt import StopSignals, Stopped
+from lorakit.train import distributed
 from lorakit.train.loop import Trainer
+from lorakit.world import World
+
+
+def quiet_libraries() -> None:
+    """No progress bars from transformers and datasets (ranks other than 0)."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def _summary_line(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
-def _samples(session, console: Console, title: str) -> None:
+def _samples(session, console: Console, title: str, world: World) -> None:
+    """Greedy answers to the sample prompts, printed by rank 0 (under FSDP every rank generates: each
+    forward gathers the layers from all ranks)."""
     prompts = session.data.sample_prompts[: session.recipe.train.num_samples]
-    if not prompts:
+    if not prompts or not (world.is_main or world.mode == "fsdp"):
         return
     answers = generate_samples(session.model, session.tokenizer, prompts, session.device,
                                precision=recipe_precision(session.recipe, session.device))
@@ -38,7 +51,7 @@ def _samples(session, console: Console, title: str) -> None:
 
 # Fields a resumed run may change: they do not alter the batches, the optimizer or the schedule seen so far.
 RESUMABLE_CHANGES = {"train.max_steps", "train.num_epochs", "train.eval_every", "train.save_every",
-                     "train.log_every", "train.num_samples", "train.eval_batch_size",
+                     "train.log_every", "train.num_samples", "train.eval_batch_size", "train.distributed",
                      "train.cross_entropy", "train.kernels", "train.compile",  # these three: speed only
                      "train.report_to", "train.project", "train.run_name"}  # tracking only
 
@@ -70,6 +83,34 @@ def check_resumable(saved: dict, current: dict, checkpoint: Path) -> None:
             )
 
 
+def check_world_size(saved: dict, current: dict, saved_world: int, world: World, checkpoint: Path) -> None:
+    """A run may resume on another number of processes if the global micro-batch (``train.batch_size`` ×
+    processes) stays the same: then it sees the same batches and continues with the same losses.
+    Updates ``saved`` so that :func:`check_resumable` accepts the new per-device batch size.
+
+    Raises LorakitError naming both products and the batch size that would keep them equal."""
+    old_b, new_b = saved.get("train", {}).get("batch_size"), current["train"]["batch_size"]
+    if not isinstance(old_b, int) or old_b * saved_world == new_b * world.size:
+        if isinstance(old_b, int):
+            saved.setdefault("train", {})["batch_size"] = new_b
+        return
+    fits = old_b * saved_world % world.size == 0
+    hint = (f"pass train.batch_size={old_b * saved_world // world.size}" if fits
+            else "use a number of processes that divides it")
+    raise LorakitError(f"--resume: {checkpoint} was trained with train.batch_size {old_b} on {saved_world} "
+                       f"process(es) = {old_b * saved_world} rows per micro-batch; here {new_b} × {world.size} = "
+                       f"{new_b * world.size}; {hint} to continue with the same batches")
+
+
+def batch_line(recipe, world: World) -> str:
+    """The batch sizes of a run, e.g. ``batch: 4 per device × 2 accumulation × 2 processes, DDP = 16 rows per step``."""
+    cfg = recipe.train
+    total = cfg.batch_size * cfg.gradient_accumulation_steps * world.size
+    mode = {"ddp": ", DDP", "fsdp": ", FSDP"}.get(world.mode, "")
+    return (f"batch: {cfg.batch_size} per device × {cfg.gradient_accumulation_steps} accumulation × "
+            f"{world.size} process{'es' if world.size > 1 else ''}{mode} = {total} rows per step")
+
+
 def keep_metrics_until(path: Path, step: int) -> None:
     """Drop metrics logged after ``step`` (by a run that stopped after its last checkpoint), and a line
     cut short by a crash."""
@@ -85,14 +126,18 @@ def keep_metrics_until(path: Path, step: int) -> None:
         ckpt.write_atomic_text(path, "".join(line + "\n" for line in lines))
 
 
-def starting_point(run_dir: Path, recipe, resume: bool, console: Console) -> tuple[Path | None, int]:
+def starting_point(run_dir: Path, recipe, resume: bool, console: Console,
+                   world: World | None = None) -> tuple[Path | None, int]:
     """(checkpoint to resume from or None, its step), after cleaning what interrupted
     writes left. A folder with no checkpoint yet starts again from step 0 (with or without ``resume``).
+    On several processes rank 0 alone cleans and trims; the resumed checkpoint may come from another
+    number of processes (:func:`check_world_size`).
 
     Raises LorakitError: the folder holds a run with checkpoints and ``resume`` is off; ``resume`` on a
     folder whose only checkpoint is ``final/``; a checkpoint whose recipe differs (:func:`check_resumable`).
     """
-    for line in ckpt.clean_stale(run_dir):
+    world = world or World()
+    for line in ckpt.clean_stale(run_dir) if world.is_main else []:
         console.print(f"interrupted write cleaned up: {line}", markup=False, highlight=False, soft_wrap=True)
     latest = ckpt.latest_checkpoint(run_dir)
     finished = (run_dir / "final" / ckpt.ADAPTER_FILE).is_file()
@@ -100,7 +145,8 @@ def starting_point(run_dir: Path, recipe, resume: bool, console: Console) -> tup
         if any((run_dir / name).exists() for name in ("checkpoints", "metrics.jsonl", "summary.json")):
             console.print(f"{run_dir} holds a run stopped before its first checkpoint: starting again from step 0",
                           markup=False, highlight=False, soft_wrap=True)
-            keep_metrics_until(run_dir / "metrics.jsonl", 0)
+            if world.is_main:
+                keep_metrics_until(run_dir / "metrics.jsonl", 0)
         elif resume:
             console.print(f"--resume: {run_dir} has no checkpoint yet: starting from step 0", markup=False,
                           highlight=False, soft_wrap=True)
@@ -114,13 +160,15 @@ def starting_point(run_dir: Path, recipe, resume: bool, console: Console) -> tup
         raise LorakitError(f"--resume: {run_dir} holds a finished run (final/) but no training checkpoint to "
                            "continue from; choose another output_dir to train again")
     saved_recipe, _ = ckpt.read_checkpoint_meta(latest)
+    check_world_size(saved_recipe, recipe_to_dict(recipe), ckpt.read_trainer_world_size(latest), world, latest)
     check_resumable(saved_recipe, recipe_to_dict(recipe), latest)
     step = ckpt.read_trainer_step(latest)
     saved_dir = saved_recipe.get("output_dir")
     if saved_dir is not None and Path(str(saved_dir)).resolve() != run_dir.resolve():
         console.print(f"note: this run was started in {saved_dir} and continues in {run_dir} (moved or copied)",
                       markup=False, highlight=False, soft_wrap=True)
-    keep_metrics_until(run_dir / "metrics.jsonl", step)
+    if world.is_main:
+        keep_metrics_until(run_dir / "metrics.jsonl", step)
     return latest, step
 
 
@@ -134,8 +182,11 @@ def stop_message(stop: Stopped, recipe_path: Path, overrides: list[str]) -> str:
 
 
 def run_training(recipe_path: Path, overrides: list[str], resume: bool, console: Console,
-                 verbose: bool = False) -> dict:
+                 verbose: bool = False, world: World | None = None) -> dict:
     """Validate the recipe, train, and write the run folder. Returns the final metrics.
+
+    ``world``: this process's place in a distributed run (:func:`lorakit.world.start`); default one
+    process. Every rank calls this; rank 0 alone prints and writes the run folder.
 
     SIGINT / SIGTERM stop the run between two steps with a checkpoint (:mod:`lorakit.train.interrupt`).
 
@@ -144,22 +195,32 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
         LorakitError: see :func:`starting_point`.
         Interrupted: a stop signal arrived; the message names the checkpoint and the resume command.
     """
+    world = world or World()
+    if not world.is_main:  # rank 0 alone reports
+        console = Console(quiet=True)
+        quiet_libraries()
     recipe = load_recipe(recipe_path, overrides)
     with StopSignals() as stop:
         try:
-            return _train(recipe, resume, console, verbose, stop)
+            return _train(recipe, resume, console, verbose, stop, world)
         except Stopped as err:
             raise Interrupted(stop_message(err, recipe_path, overrides), err.exit_code) from None
 
 
-def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSignals) -> dict:
+def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSignals, world: World) -> dict:
     run_dir = Path(recipe.output_dir)
-    latest, start_step = starting_point(run_dir, recipe, resume, console)
+    with world.main_first():  # rank 0 cleans the run folder before the others read it
+        latest, start_step = starting_point(run_dir, recipe, resume, console, world)
     track.check_installed(recipe.train.report_to)  # a missing tracker fails before the model loads
-    session = load_session(recipe, Checkpoint(latest) if latest is not None else recipe_weights(recipe), console)
+    with world.main_first():  # rank 0 fills the shared caches (built-in models and data) first
+        session = load_session(recipe, Checkpoint(latest) if latest is not None else recipe_weights(recipe), console)
+    world, note = distributed.resolve_mode(world, recipe.train.distributed, session.method)
+    if note:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     console.print(parameter_table(session.model, session.method))
+    console.print(batch_line(recipe, world))
     trainer = Trainer(session.model, session.tokenizer, session.method, session.data, recipe,
-                      session.device, console)
+                      session.device, console, world=world)
     run_dir.mkdir(parents=True, exist_ok=True)
     before = None
     if latest is not None and (run_dir / "summary.json").is_file():
@@ -167,10 +228,12 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
         before = before.get("before") if isinstance(before, dict) else None
     if latest is None:
         before = trainer.evaluate()
-        ckpt.write_atomic_text(run_dir / "summary.json", json.dumps({"before": before}, indent=1))
+        if world.is_main:
+            ckpt.write_atomic_text(run_dir / "summary.json", json.dumps({"before": before}, indent=1))
         console.print(f"before training: {_summary_line(before)}")
-        _samples(session, console, "samples before training")
-    trackers = track.Trackers(recipe.train.report_to, run_dir, recipe_to_dict(recipe), start_step, verbose)
+        _samples(session, console, "samples before training", world)
+    report_to = recipe.train.report_to if world.is_main else []  # rank 0 alone reports
+    trackers = track.Trackers(report_to, run_dir, recipe_to_dict(recipe), start_step, verbose)
     trainer.on_record.append(trackers.log)
     trainer.on_checkpoint.append(lambda _path: plot.redraw(run_dir, console))
     for where in trackers.describe():
@@ -185,13 +248,15 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
         trackers.finish()
     seconds = trainer.train_seconds
     console.print(f"after training:  {_summary_line(after)}")
-    _samples(session, console, "samples after training")
+    _samples(session, console, "samples after training", world)
     steps_run = trainer.step - start_step
     summary = {"method": recipe.method.name, "recipe": recipe_to_dict(recipe), "before": before, "after": after, "steps": trainer.step,
                "train_seconds": seconds,
                "seconds_per_step": seconds / steps_run if steps_run else None,
-               "trainable_parameters": sum(p.numel() for p in session.model.parameters() if p.requires_grad)}
-    ckpt.write_atomic_text(run_dir / "summary.json", json.dumps(summary, indent=1))
-    plot.redraw(run_dir, console)
-    console.print(f"curves: {run_dir / plot.PNG}", highlight=False, soft_wrap=True)
+               "trainable_parameters": sum(p.numel() for p in session.model.parameters() if p.requires_grad),
+               "world_size": world.size}
+    if world.is_main:
+        ckpt.write_atomic_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+        plot.redraw(run_dir, console)
+        console.print(f"curves: {run_dir / plot.PNG}", highlight=False, soft_wrap=True)
     return after
