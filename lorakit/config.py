@@ -36,7 +36,9 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model folder (only for models you trust)")
     quantization: Literal["nf4", "fp4", "int8"] | None = Field(None, description=
         "a bitsandbytes 4/8-bit frozen base under any method (QLoRA); null: none")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    gradient_checkpointing: bool = Field(False, description=
+        "recompute every decoder layer's activations in backward: least memory, about half the speed "
+        "(train.activation_memory_budget is the cheaper switch; docs/benchmarks.md)")
     adapter: str | None = Field(None, description="a PEFT LoRA/DoRA folder whose weights the run starts from")
 
 
@@ -90,10 +92,13 @@ class TrainConfig(Section):
         "causal-LM loss: chunked (no full-vocabulary logits), liger (fused, CUDA), full; docs/benchmarks.md")
     kernels: Literal["auto", "liger", "none"] = Field("auto", description=
         "fused RMSNorm / SwiGLU kernels (liger, CUDA); auto: liger when installed on CUDA")
-    # compile: auto = cudagraphs on CUDA unless the base is quantized; cudagraphs = compile + CUDA graphs
+    # compile: auto = cudagraphs on CUDA unless activation checkpointing is on; cudagraphs = compile + CUDA graphs
     compile: Literal["auto", "cudagraphs"] | bool = Field("auto", description=
         "auto: on GPU, decoder layers compiled and replayed as CUDA graphs (plain compile with accumulation; "
-        "none over a 4/8-bit base or with gradient_checkpointing); cudagraphs; true: plain torch.compile; false")
+        "none with gradient_checkpointing); cudagraphs; true: plain torch.compile; false")
+    activation_memory_budget: float = Field(1.0, gt=0, le=1, description=
+        "compiled layers keep at most this fraction of their activations for backward and recompute the "
+        "rest (torch.compile's min-cut partitioner picks the cheapest to recompute); 1: keep all")
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -104,7 +109,8 @@ class TrainConfig(Section):
             return value
         raise ValueError("expected auto, cudagraphs, true or false")
     optimizer: Literal["auto", "adamw", "paged_adamw"] = Field("auto", description=
-        "auto: paged AdamW (bitsandbytes) over a 4/8-bit base on CUDA, else AdamW")
+        "auto / adamw: torch AdamW (the fused kernel on GPU), also over a 4/8-bit base; paged_adamw: "
+        "bitsandbytes' paged AdamW 32-bit (QLoRA's, for memory spikes; slower)")
     distributed: Literal["auto", "ddp", "fsdp"] = Field("auto", description=
         "several processes (torchrun): auto = DDP when more than one process; fsdp = FSDP2, the frozen base "
         "and the adapters sharded over the processes (also on one process); train.batch_size is per process")

@@ -28,7 +28,7 @@ def peft_logits(folder: Path, session, batches) -> list[torch.Tensor] | None:
     except ImportError:
         return None
     recipe = session.recipe
-    base, _ = load_base(recipe, session.data.label_names)  # as lorakit loaded it (fp32 norms over k-bit)
+    base, _ = load_base(recipe, session.data.label_names)  # as lorakit loaded it (a k-bit base prepared as trained)
     model = PeftModel.from_pretrained(base, str(folder))
     if recipe.model.quantization is None:
         model.to(session.device)

@@ -5,9 +5,10 @@ double quantization of the fp32 scales in blocks of 256) or ``Linear8bitLt`` (LL
 absmax). The adapter wraps the quantized layer and ``base_layer(x)`` does the dequant matmul in the
 compute dtype (fp32 on CPU, bf16 on CUDA; see :mod:`lorakit.models`).
 
-- :func:`prepare_kbit_model`: before attaching the adapter, as PEFT's ``prepare_model_for_kbit_training``
-  does: freeze every parameter, keep norms and the other small (≤1-D) unquantized tensors and a
-  classification head in fp32. With gradient checkpointing the session makes the inputs require grad.
+- :func:`prepare_kbit_model`: before attaching the adapter: freeze every parameter, keep a (trained)
+  classification head in fp32. Unlike PEFT's ``prepare_model_for_kbit_training``, frozen norms and
+  other small tensors keep the load dtype (see the function). With gradient checkpointing the session
+  makes the inputs require grad.
 - :func:`dequantize_weight`: W0 as fp32 ``(out, in)``: NF4/FP4 ``dequantize_4bit``; int8 ``CB·SCB/127``.
 - :func:`dequantize_model`: after a merge, replace every remaining quantized linear by an ``nn.Linear``
   and drop the quantization config, so the folder loads with a plain ``from_pretrained``.
@@ -22,7 +23,6 @@ import torch
 from torch import nn
 
 QUANTIZED_PARAMS = ("Params4bit", "Int8Params")
-NORM_HINTS = ("norm",)  # LayerNorm, LlamaRMSNorm, Qwen2RMSNorm, ... (class names, lower-cased)
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
@@ -83,9 +83,13 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
 def prepare_kbit_model(model: nn.Module, head_names: tuple[str, ...] = ("score", "classifier")) -> nn.Module:
     """Ready a k-bit model for adapter training (call before attaching the adapter).
 
-    Freezes every parameter; casts to fp32 the parameters of norm layers, every other unquantized
-    tensor of at most one dimension (biases, scales) and a classification head (``head_names``, trained
-    later, so it keeps fp32 master weights); keeps embeddings and the LM head in the load dtype.
+    Freezes every parameter and casts a classification head (``head_names``, trained later) to fp32
+    master weights. Norms, biases and embeddings keep the load dtype: they are frozen, so an fp32 copy
+    holds the same values, and a bf16 base with fp32 norm weights would turn every norm output, hence the
+    residual stream and the projections after it (bitsandbytes returns its input's dtype), into fp32 —
+    twice the activation memory and slower elementwise passes than LoRA on the same bf16 base (measured
+    in docs/benchmarks.md). PEFT's ``prepare_model_for_kbit_training`` upcasts them for fp16 training;
+    lorakit trains in bf16 or fp32.
     Also stops bitsandbytes from repacking 4-bit weights for its CPU inference kernel, which changes the
     weights' layout and rounds the scales to bf16 at the first eval-mode forward (train and eval would
     then compute different functions). Returns ``model``.
@@ -95,13 +99,10 @@ def prepare_kbit_model(model: nn.Module, head_names: tuple[str, ...] = ("score",
         if type(module).__name__ == "Linear4bit" or hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     for name, module in model.named_modules():
-        is_norm = any(h in type(module).__name__.lower() for h in NORM_HINTS)
         is_head = bool(name) and name.split(".")[0] in head_names
         for param in module.parameters(recurse=False):
             param.requires_grad_(False)
-            if id(param) in quantized or not param.dtype.is_floating_point:
-                continue
-            if is_norm or is_head or param.ndim <= 1:
+            if is_head and id(param) not in quantized and param.dtype.is_floating_point:
                 param.data = param.data.float()
     return model
 

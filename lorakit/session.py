@@ -115,7 +115,7 @@ def _load_weights(model: torch.nn.Module, method: Method, weights: WeightSource,
 
 def load_base(recipe: Recipe, label_names: list[str] | None = None, trust_remote_code: bool | None = None):
     """(model, tokenizer) of the recipe's base, without an adapter, on the CPU (a k-bit base where
-    bitsandbytes put it, prepared as QLoRA trains it: frozen, fp32 norms and head). ``label_names``:
+    bitsandbytes put it, prepared as QLoRA trains it: frozen, fp32 head). ``label_names``:
     a classification model's labels; ``trust_remote_code``: as in :func:`load_session`."""
     mcfg = recipe.model if trust_remote_code is None else recipe.model.model_copy(
         update={"trust_remote_code": trust_remote_code})
@@ -124,7 +124,7 @@ def load_base(recipe: Recipe, label_names: list[str] | None = None, trust_remote
     model = load_model(mcfg, num_labels=len(labels) if labels else None, label_names=label_names,
                        precision=recipe.train.precision)
     if mcfg.quantization is not None:
-        prepare_kbit_model(model)  # freeze, fp32 norms and head (QLoRA; any method over a k-bit base)
+        prepare_kbit_model(model)  # freeze, fp32 head (QLoRA; any method over a k-bit base)
     return model, tokenizer
 
 

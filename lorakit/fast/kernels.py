@@ -15,6 +15,10 @@
   padded to a multiple of 64 tokens so few shapes are recorded; ``true``: plain compile; ``false``):
   ``torch.compile`` each decoder layer (the compile time, seconds, is paid at the first steps; see
   docs/benchmarks.md).
+- ``train.activation_memory_budget`` (compiled layers only): the fraction of a layer's activations that
+  torch.compile's min-cut partitioner may keep for the backward pass
+  (``torch._functorch.config.activation_memory_budget``); it recomputes the cheapest of the rest in the
+  backward. Selective activation checkpointing without a recipe of which op to keep.
 """
 
 from __future__ import annotations
@@ -118,6 +122,15 @@ def accelerate(model: nn.Module, train, device: torch.device, mode: str | None) 
         from lorakit.errors import LorakitError
 
         raise LorakitError("train.kernels liger: liger-kernel is not installed (pip install liger-kernel; needs CUDA)")
+    budget = getattr(train, "activation_memory_budget", 1.0)
     if mode is not None:
+        # process-wide, read when the layers compile (at the first step): set on every call, so a later
+        # trainer in the same process does not inherit an earlier recipe's budget
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = budget
         applied += compile_layers(model, None if mode == "default" else mode)
+        applied += [f"activation memory budget {budget:g}"] if budget < 1 else []
+    elif budget < 1:
+        applied.append(f"activation memory budget {budget:g} ignored (layers not compiled)")
     return applied

@@ -12,7 +12,9 @@ dtype (bf16 on CUDA, fp32 on CPU). ``model.quantization`` defaults to ``nf4`` fo
 Adapter: exactly LoRA (:mod:`lorakit.methods.lora`): A ``(r, in)`` Kaiming-uniform, B ``(out, r)`` zeros,
 both fp32; r·(in + out) trainable parameters per layer. Defaults are the paper's: all linear layers
 (not the LM head), r = 64, lora_alpha = 16, dropout 0.05 (0.1 for models up to 13B in the paper).
-Training: paged AdamW 32-bit on CUDA (:func:`lorakit.quant.kbit_optimizer_class`); norms in fp32.
+Training: fused AdamW on CUDA by default (``train.optimizer: paged_adamw`` for the paper's paged AdamW
+32-bit, :func:`lorakit.quant.kbit_optimizer_class`); frozen norms keep the load dtype
+(:func:`lorakit.quant.prepare_kbit_model`); decoder layers compiled as for LoRA (``train.compile: auto``).
 
 Merge: W' = dequant(Wq) + s·BA, saved unquantized (``lorakit merge``): it reproduces the trained function
 exactly. ``--onto original`` merges onto the original 16/32-bit weights instead, which deviates from

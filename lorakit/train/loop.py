@@ -33,7 +33,7 @@ from lorakit.storage import checkpoint as ckpt
 from lorakit.storage.peft import write_peft_folder
 from lorakit.train.interrupt import StopSignals, Stopped
 from lorakit.train import distributed as dist_
-from lorakit.train.optim import build_optimizer, build_scheduler
+from lorakit.train.optim import build_optimizer, build_scheduler, optimizer_name
 from lorakit.train.stats import StepStats, skips_nonfinite_on_device
 from lorakit.world import World
 
@@ -143,9 +143,9 @@ class Trainer:
         if world.mode == "fsdp":  # the chunked loss reads the head's weight outside FSDP's root forward
             self.cross_entropy = "full"
         self.precision = recipe_precision(recipe, device)  # bf16 autocast or fp32 (lorakit.precision), eval too
-        # auto compiles neither over a k-bit base (memory, docs/benchmarks.md) nor with activation
-        # checkpointing (recomputation inside CUDA graphs: not measured)
-        auto_ok = recipe.model.quantization is None and not recipe.model.gradient_checkpointing
+        # auto does not compile with activation checkpointing (train.activation_memory_budget is the
+        # compiled way to save activation memory; docs/benchmarks.md)
+        auto_ok = not recipe.model.gradient_checkpointing
         auto_graphs = cfg.gradient_accumulation_steps == 1 and world.mode != "fsdp"  # no CUDA graphs around FSDP's collectives
         mode = compile_mode(cfg, device, auto_ok, auto_graphs=auto_graphs) if allow_compile else None
         if world.mode == "fsdp" and mode == "reduce-overhead":
@@ -237,14 +237,14 @@ class Trainer:
     def speed_summary(self) -> list[str]:
         """What this run computes with, for one line at the start of training (docs/benchmarks.md)."""
         padded = [f"batch widths padded to multiples of {self.padded_to}"] if self.padded_to else []
-        return [f"precision {self.precision}", f"loss {self.cross_entropy}", *self.levers, *padded]
+        return [f"precision {self.precision}", f"loss {self.cross_entropy}",
+                f"optimizer {optimizer_name(self.recipe.train, self.device)}", *self.levers, *padded]
 
     # ---- the loop -------------------------------------------------------------------------------
     def make_optimizer(self):
         """(optimizer, scheduler) over the method's parameter groups, as ``train`` uses them."""
         cfg = self.recipe.train
-        paged = cfg.optimizer == "paged_adamw" or (cfg.optimizer == "auto" and self.recipe.model.quantization is not None)
-        optimizer = build_optimizer(self.method.param_groups(self.model, cfg), cfg, self.device, quantized=paged)
+        optimizer = build_optimizer(self.method.param_groups(self.model, cfg), cfg, self.device)
         scheduler = build_scheduler(optimizer, cfg.lr_scheduler, self.total_steps, int(cfg.warmup_ratio * self.total_steps))
         return optimizer, scheduler
 

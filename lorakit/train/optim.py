@@ -35,12 +35,21 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_optimizer(
-    groups: list[dict], train: TrainConfig, device: torch.device, quantized: bool = False
-) -> torch.optim.Optimizer:
-    """AdamW over ``groups``; the fused CUDA kernel on GPU. Over a k-bit base (QLoRA, Dettmers et al.
-    2023, §3): bitsandbytes' paged AdamW on CUDA, plain AdamW on CPU (said once in the log)."""
-    if quantized:
+def optimizer_name(train: TrainConfig, device: torch.device) -> str:
+    """What ``train.optimizer`` means on ``device``: ``paged AdamW`` (bitsandbytes' paged AdamW 32-bit, CUDA
+    only; explicit ``paged_adamw``), ``fused AdamW`` (``auto`` / ``adamw`` on CUDA, over a k-bit base too)
+    or ``AdamW`` (elsewhere). For the speed line at the start of training."""
+    if train.optimizer == "paged_adamw" and device.type == "cuda":
+        return "paged AdamW"
+    return "fused AdamW" if device.type == "cuda" else "AdamW"
+
+
+def build_optimizer(groups: list[dict], train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over ``groups``: torch's fused CUDA kernel on GPU (also over a k-bit base: paged AdamW cost
+    14–27% of the QLoRA step, docs/benchmarks.md); ``train.optimizer: paged_adamw`` takes bitsandbytes'
+    paged AdamW 32-bit (QLoRA, Dettmers et al. 2023, §3: paging absorbs memory spikes), plain AdamW on
+    CPU (said once in the log)."""
+    if train.optimizer == "paged_adamw":
         from lorakit.quant import kbit_optimizer_class
 
         return kbit_optimizer_class(device)(groups, lr=train.learning_rate, weight_decay=train.weight_decay)

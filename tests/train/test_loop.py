@@ -91,8 +91,22 @@ def test_evaluation_alone_does_not_compile(tmp_path):
     """``lorakit eval`` builds its Trainer with allow_compile=False: one pass is not worth a compile."""
     compiled = make_trainer(tmp_path, "a", train={"compile": True})
     assert compiled.levers == ["compile×2"] and not compiled.cuda_graphs
-    assert compiled.speed_summary() == ["precision fp32", "loss chunked", "compile×2"]
+    assert compiled.speed_summary() == ["precision fp32", "loss chunked", "optimizer AdamW", "compile×2"]
     t = make_trainer(tmp_path, "b")
     plain = Trainer(tiny_llama(), None, t.method, t.data, t.recipe.model_copy(update={"train": compiled.recipe.train}),
                     torch.device("cpu"), Console(quiet=True), allow_compile=False)
-    assert plain.levers == [] and plain.speed_summary() == ["precision fp32", "loss chunked"]
+    assert plain.levers == [] and plain.speed_summary() == ["precision fp32", "loss chunked", "optimizer AdamW"]
+
+
+def test_activation_memory_budget_reaches_the_partitioner_of_compiled_layers(tmp_path):
+    """``train.activation_memory_budget`` sets torch.compile's partitioner budget when the layers compile
+    (reset to the recipe's value by every trainer) and is named as ignored when they do not."""
+    import torch._functorch.config as functorch_config
+
+    budget = make_trainer(tmp_path, "a", train={"compile": True, "activation_memory_budget": 0.5})
+    assert functorch_config.activation_memory_budget == 0.5
+    assert budget.levers == ["compile×2", "activation memory budget 0.5"]
+    make_trainer(tmp_path, "b", train={"compile": True})
+    assert functorch_config.activation_memory_budget == 1.0
+    eager = make_trainer(tmp_path, "c", train={"compile": False, "activation_memory_budget": 0.5})
+    assert eager.levers == ["activation memory budget 0.5 ignored (layers not compiled)"]

@@ -1,4 +1,4 @@
-"""Learning-rate schedules."""
+"""Learning-rate schedules and the optimizer choice."""
 
 import math
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lorakit.config import TrainConfig
 from lorakit.train.optim import build_scheduler
 
 
@@ -56,3 +57,20 @@ def test_decay_matches_transformers_after_warmup(kind):
         ref_values.append(opt.param_groups[0]["lr"])
         opt.step(), ref.step()
     assert schedule(kind, 20, 3)[3:] == pytest.approx(ref_values[3:])
+
+
+def test_optimizer_choice_is_fused_adamw_unless_paged_is_asked_for():
+    """``train.optimizer`` auto / adamw: torch AdamW (fused on CUDA), also over a k-bit base (QLoRA);
+    ``paged_adamw`` is the explicit choice of bitsandbytes' paged AdamW (torch AdamW on CPU)."""
+    from lorakit.train.optim import build_optimizer, optimizer_name
+
+    params = [{"params": [nn.Parameter(torch.zeros(2, 2))], "lr": 1e-3, "weight_decay": 0.0}]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for choice in ("auto", "adamw"):
+        train = TrainConfig(optimizer=choice)
+        opt = build_optimizer(params, train, cpu)
+        assert type(opt) is torch.optim.AdamW and not opt.defaults["fused"]
+        assert optimizer_name(train, cpu) == "AdamW" and optimizer_name(train, cuda) == "fused AdamW"
+    paged = TrainConfig(optimizer="paged_adamw")
+    assert optimizer_name(paged, cuda) == "paged AdamW" and optimizer_name(paged, cpu) == "AdamW"
+    assert type(build_optimizer(params, paged, cpu)) is torch.optim.AdamW  # paging needs CUDA
