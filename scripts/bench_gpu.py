@@ -57,15 +57,22 @@ SHAPES = {  # public config.json values (Qwen/Qwen2.5-0.5B, meta-llama/Llama-3.2
                          rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                                        "original_max_position_embeddings": 8192, "rope_type": "llama3"},
                          tie_word_embeddings=True, attention_bias=False, mlp_bias=False, hidden_act="silu"),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling={"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                         tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu"),
 }
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 512}
 SHAPES["tiny-qwen"] = {**SHAPES["qwen2.5-0.5b"], **TINY}  # smoke tests of this script
 SHAPES["tiny-llama"] = {**SHAPES["llama-3.2-1b"], **TINY, "head_dim": 16}
 LORAKIT = ["lora", "dora", "qlora", "vera", "lora_fa", "dylora", "delta_lora", "lora_drop"]
-PEFT = ["peft-lora", "peft-dora", "peft-qlora", "peft-vera"]
+PEFT = ["peft-lora", "peft-dora", "peft-qlora", "peft-vera", "peft-lora+autocast", "peft-qlora+autocast"]
 PAIR = {"lora": "peft-lora", "dora": "peft-dora", "qlora": "peft-qlora", "vera": "peft-vera",
         "lora [dropout 0.05]": "peft-lora [dropout 0.05]"}
+PAIR_AUTOCAST = {"lora": "peft-lora+autocast", "qlora": "peft-qlora+autocast"}  # PEFT's best: bf16 autocast
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -102,8 +109,9 @@ def quantize_nf4(model: nn.Module, device: torch.device) -> nn.Module:
             q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
                                   compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
                                   device="meta")
-            q.weight = bnb.nn.Params4bit(mod.weight.data.cpu(), requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4").to(device)
+            q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4").to(device)  # quantized where the weight is
+            mod.weight = None  # free the bf16 copy now (the 8B shape)
             if mod.bias is not None:
                 q.bias = nn.Parameter(mod.bias.data, requires_grad=False)
             replace_module(model, name, q)
@@ -130,7 +138,11 @@ class FakeData:
         self.train, self.eval, self.collate = [0] * batch["input_ids"].shape[0], [], lambda rows: batch
 
 
-def lorakit_setup(shape, name, device, batch, train=None, method=None, grad_ckpt=False):
+def lorakit_setup(shape, name, device, batch, train=None, method=None, grad_ckpt=False, fp32_norms=False,
+                  ckpt_every=1):
+    """``fp32_norms``: the pre-issue-17 QLoRA base (frozen norms upcast to fp32, as PEFT's
+    prepare_model_for_kbit_training), for the memory comparison; ``ckpt_every``: with ``grad_ckpt``,
+    checkpoint only every k-th decoder layer."""
     from rich.console import Console
 
     from lorakit.config import recipe_from_dict
@@ -156,6 +168,11 @@ def lorakit_setup(shape, name, device, batch, train=None, method=None, grad_ckpt
     adapter = build_method(recipe.method)
     if quant:
         prepare_kbit_model(model)
+        if fp32_norms:
+            for mod in model.modules():
+                if "norm" in type(mod).__name__.lower():
+                    for p in mod.parameters(recurse=False):
+                        p.data = p.data.float()
     adapter.attach(model, "causal_lm")
     if name == "lora_drop":  # a made-up selection: keep the modules of even layers, share the rest
         from lorakit.methods.lora_drop_select import shape_groups
@@ -166,6 +183,10 @@ def lorakit_setup(shape, name, device, batch, train=None, method=None, grad_ckpt
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+        from lorakit.fast.kernels import decoder_layers
+
+        for i, layer in enumerate(decoder_layers(model)):
+            layer.gradient_checkpointing = i % ckpt_every == 0
     model.train()  # as Trainer.train does (load_model gives eval mode: no dropout, DyLoRA at rank r)
     trainer = Trainer(model, None, adapter, FakeData(batch), recipe, device, Console(quiet=True))
     optimizer, scheduler = trainer.make_optimizer()
@@ -177,6 +198,8 @@ def peft_setup(shape, name, device, batch, dropout=0.0, autocast=False):
     from peft import LoraConfig, VeraConfig, get_peft_model
 
     kind = name.removeprefix("peft-")
+    if kind.endswith("+autocast"):  # PEFT's best setting: bf16 autocast (the HF Trainer's bf16=True)
+        kind, autocast = kind.removesuffix("+autocast"), True
     model = build_model(shape, device, kind == "qlora", "bf16" if autocast else "fp32")  # PEFT's default: fp32
     if kind == "vera":
         cfg = VeraConfig(r=256, target_modules=["q_proj", "v_proj"], vera_dropout=dropout, d_initial=0.1)
@@ -190,15 +213,20 @@ def peft_setup(shape, name, device, batch, dropout=0.0, autocast=False):
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
     def step(b):
-        b = {k: v.to(device) for k, v in b.items()}
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with ctx:
-            loss = model(**b, use_cache=False).loss
-        loss.backward()
+        micro = b if isinstance(b, list) else [b]  # a list: micro-batches of one step (HF Trainer's accumulation)
+        items = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+        loss = 0.0
+        for m in micro:
+            m = {k: v.to(device) for k, v in m.items()}
+            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+            with ctx:
+                part = model(**m, use_cache=False, **({"num_items_in_batch": items} if len(micro) > 1 else {})).loss
+            part.backward()
+            loss = loss + part.detach()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()  # read after the timed steps, as lorakit's (no sync per step for either)
+        return loss  # read after the timed steps, as lorakit's (no sync per step for either)
 
     return model, step, []
 
@@ -433,28 +461,202 @@ def gemm_tflops(device):
     return 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
 
 
+def parse_spec(spec: str, device):
+    """``SHAPE:METHOD[:KEY=VALUE,...]`` → (shape, method, setup(batch), fields, bench options). Keys:
+    ``method.X`` (method config), ``model.gradient_checkpointing``, ``bench.fp32_norms`` /
+    ``bench.ckpt_every`` / ``bench.snapshot`` (this script), anything else ``train.X``. METHOD may be
+    ``peft-*`` (PEFT's setup, no keys)."""
+    shape, name, *rest = spec.split(":")
+    fields = {}
+    for part in filter(None, (rest[0] if rest else "").split(",")):
+        k, v = part.split("=", 1)
+        try:
+            fields[k] = json.loads(v)
+        except ValueError:
+            fields[k] = v
+    if name.startswith("peft"):
+        return shape, name, lambda b: peft_setup(shape, name, device, b), fields, {}
+    method = {k.removeprefix("method."): v for k, v in fields.items() if k.startswith("method.")}
+    opts = {k.removeprefix("bench."): v for k, v in fields.items() if k.startswith("bench.")}
+    train = {k: v for k, v in fields.items() if not k.startswith(("method.", "bench.", "model."))}
+    kw = dict(grad_ckpt=bool(fields.get("model.gradient_checkpointing")), fp32_norms=bool(opts.get("fp32_norms")),
+              ckpt_every=int(opts.get("ckpt_every", 1)))
+    return shape, name, (lambda b: lorakit_setup(shape, name, device, b, train=train, method=method or None, **kw)), \
+        fields, opts
+
+
+def memory_history(args, shape, label, setup, device, vocab, out_dir, top=14) -> dict:
+    """One configuration under ``torch.cuda.memory._record_memory_history``: the peak over setup + warm-up
+    and over one steady step, and the live allocations at the whole run's peak grouped by where they were
+    made (the innermost frames in lorakit / transformers / bitsandbytes / peft / compiled code)."""
+    free()
+    torch.cuda.memory._record_memory_history(max_entries=3_000_000, stacks="python")
+    try:
+        batch = random_batch(vocab, args.batch, args.seq)
+        model, step, levers = setup(batch)
+        setup_gib = torch.cuda.memory_allocated() / GIB
+        for _ in range(args.warmup):
+            step(batch)
+        torch.cuda.synchronize()
+        warm_gib = torch.cuda.max_memory_allocated() / GIB
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step(batch)
+        torch.cuda.synchronize()
+        step_s = time.perf_counter() - t0
+        steady_gib = torch.cuda.max_memory_allocated() / GIB
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = [e for e in snap["device_traces"][0] if e["action"] in ("alloc", "free_completed")]
+    cur = peak = 0
+    at = -1
+    for i, e in enumerate(events):
+        cur += e["size"] if e["action"] == "alloc" else -e["size"]
+        if cur > peak:
+            peak, at = cur, i
+    live = {}
+    for e in events[: at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        else:
+            live.pop(e["addr"], None)
+    keys = ("lorakit", "transformers", "bitsandbytes", "peft", "liger", "torchinductor", "/tmp/", "torch/optim",
+            "torch/autograd", "torch/_functorch", "torch/_inductor/cudagraph")
+
+    def where(e):
+        frames = [f for f in e.get("frames", []) if any(k in f["filename"] for k in keys)]
+        return " <- ".join(f"{f['filename'].split('site-packages/')[-1].split('/tmp/')[-1]}:{f['line']} {f['name']}"
+                           for f in frames[:3]) or "?"
+
+    groups: dict[str, list] = {}
+    for e in live.values():
+        g = groups.setdefault(where(e), [0, 0])
+        g[0] += e["size"]
+        g[1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    row = {"shape": shape, "method": label, "setup_gib": setup_gib, "peak_warmup_gib": warm_gib,
+           "peak_step_gib": steady_gib, "replayed_peak_gib": peak / GIB, "events": len(events),
+           "step_s": step_s, "levers": levers,
+           "at_peak": [{"gib": v[0] / GIB, "n": v[1], "where": k} for k, v in ranked]}
+    print(f"MEMORY {shape} {label}: setup {setup_gib:.2f}, peak warm-up {warm_gib:.2f}, peak step "
+          f"{steady_gib:.2f}, replayed {peak / GIB:.2f} GiB ({len(events)} events)", flush=True)
+    for r in row["at_peak"]:
+        print(f"    {r['gib']:7.3f} GiB {r['n']:6d}x  {r['where']}", flush=True)
+    del model, step
+    free()
+    return row
+
+
+def real_lengths(args, shape, source, steps, device, peft_micro=16) -> list[dict]:
+    """Variable-length data: example lengths of a real data set (``scripts/real_lengths.json``, tokenized
+    by lorakit with SmolLM2's tokenizer; token ids drawn at random for the shape's vocabulary). lorakit
+    packs examples (``lorakit.data.collate.pack``: positions restart per example, no attention across
+    them) into ``args.batch`` rows of ``args.seq`` per step; PEFT gets the same examples per step in
+    micro-batches of ``peft_micro`` padded to the longest (the HF Trainer with gradient accumulation).
+    Both from the same initial adapter; real (non-padding) tokens/s and every step's loss."""
+    import datasets
+
+    from lorakit.data.collate import Collator, pack
+
+    lengths = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "real_lengths.json")))["lengths"][source]
+    vocab = vocab_of(shape)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    examples = []
+    for i in order:
+        n = min(lengths[i], args.seq)
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": list(ids), "example": len(examples)})
+    rows = pack(datasets.Dataset.from_list([{k: e[k] for k in ("input_ids", "labels")} for e in examples]), args.seq)
+    # which examples went into which packed row: pack is greedy in order, so count them off
+    bounds, k = [], 0
+    for r in rows:
+        n = sum(1 for p in r["position_ids"] if p == 0)
+        bounds.append((k, k + n))
+        k += n
+    total = args.warmup + steps
+    if len(rows) < total * args.batch:
+        raise ValueError(f"{source}: {len(rows)} packed rows, need {total * args.batch}")
+    collate = Collator(0, pad_to_multiple_of=64, max_width=args.seq)  # lorakit's CUDA-graph padding
+    plain = Collator(0)  # PEFT: pad to the longest in the micro-batch
+    packed, padded, real = [], [], []
+    for s in range(total):
+        chunk = list(range(s * args.batch, (s + 1) * args.batch))
+        packed.append(collate([rows[i] for i in chunk]))
+        ex = [examples[j] for i in chunk for j in range(*bounds[i])]
+        padded.append([plain([{k: e[k] for k in ("input_ids", "labels")} for e in ex[m : m + peft_micro]])
+                       for m in range(0, len(ex), peft_micro)])
+        real.append(sum(len(e["input_ids"]) for e in ex))
+    out = []
+    init = None
+    for name in ("lora", "peft-lora", "peft-lora+autocast"):
+        free()
+        if name == "lora":
+            model, step, levers = lorakit_setup(shape, "lora", device, packed[0])
+            init = {n.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"):
+                    p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            batches = packed
+        else:
+            model, step, levers = peft_setup(shape, name, device, padded[0][0])
+            named = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, t in init.items():
+                    named["base_model.model." + n].copy_(t)
+            batches = padded
+        losses = [step(b) for b in batches[: args.warmup]]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses += [step(b) for b in batches[args.warmup :]]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        width = [sum(m["input_ids"].numel() for m in (b if isinstance(b, list) else [b])) for b in batches[args.warmup :]]
+        row = {"shape": shape, "source": source, "method": name, "real_tokens_per_s": sum(real[args.warmup :]) / elapsed,
+               "padded_fraction": 1 - sum(real[args.warmup :]) / sum(width),
+               "examples_per_step": sum(len(range(*bounds[i])) for i in range(args.batch * total)) / total,
+               "peak_gib": torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else None,
+               "losses": [float(x) for x in losses], "levers": levers}
+        print(f"REAL {shape} {source} {name}: {row['real_tokens_per_s']:,.0f} real tokens/s, "
+              f"{100 * row['padded_fraction']:.1f}% padding, {row['examples_per_step']:.1f} examples/step, "
+              f"losses {row['losses'][0]:.4f} … {row['losses'][-1]:.4f}", flush=True)
+        out.append(row)
+        del model, step
+    ref = out[1]["losses"]
+    for row in out:
+        row["max_rel_loss_diff_vs_peft"] = max(abs(a - b) / abs(b) for a, b in zip(row["losses"], ref))
+    free()
+    return out
+
+
 # ---- table and plot ------------------------------------------------------------------------------
 def table(rows, peak_tflops=None) -> str:
     by = {(r["shape"], r["method"]): r for r in rows if "tokens_per_s" in r}
-    head = "| shape | method | tokens/s | peak GiB | MFU % | × PEFT speed | PEFT mem ratio | × own LoRA |"
-    lines = [head, "|" + "---|" * 8]
+    head = ("| shape | method | tokens/s | peak GiB | MFU % | × PEFT speed | PEFT mem ratio | × PEFT+autocast "
+            "| × own LoRA |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['shape']} | {r['method']} | failed: {r.get('error', '?')[:60]} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['method']} | failed: {r.get('error', '?')[:60]} | | | | | | |")
             continue
         base, _, variant = r["method"].partition(" [")
         ref = by.get((r["shape"], PAIR.get(r["method"]) or PAIR.get(base, "")))
+        ac = by.get((r["shape"], PAIR_AUTOCAST.get(base, "")))
         own = by.get((r["shape"], "lora [" + variant)) if variant in ("eager]", "compile]", "cudagraphs]") else by.get((r["shape"], "lora"))
         mfu = f"{100 * r['tflops'] / peak_tflops:.1f}" if peak_tflops else f"{r['tflops'] * 1e3:.0f} GF/s"
         x = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else ""
         mem = f"{r['peak_gib'] / ref['peak_gib']:.2f}" if ref and ref["peak_gib"] > 0 else ""
-        lo = f"{r['tokens_per_s'] / own['tokens_per_s']:.2f}" if own and not r["method"].startswith("peft") else ""
-        lines.append(f"| {r['shape']} | {r['method']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {mfu} | {x} | {mem} | {lo} |")
+        xa = f"{r['tokens_per_s'] / ac['tokens_per_s']:.2f}" if ac and not r["method"].startswith("peft") else ""
+        lo = f"{r['tokens_per_s'] / own['tokens_per_s']:.2f}" if own and not r["method"].startswith(("peft", "unsloth")) else ""
+        lines.append(f"| {r['shape']} | {r['method']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {mfu} | {x} "
+                     f"| {mem} | {xa} | {lo} |")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: str) -> None:
-    """Grouped bars per method and shape: PEFT, lorakit with train.compile false, lorakit by default."""
+    """Grouped bars per method and shape: PEFT, PEFT with bf16 autocast, lorakit with train.compile false,
+    lorakit by default (the bars a run has; methods without a lorakit row are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -462,24 +664,28 @@ def plot(results: dict, path: str) -> None:
 
     rows = {(r["shape"], r["method"]): r for r in results["rows"] if "tokens_per_s" in r}
     shapes = list(dict.fromkeys(s for s, _ in rows))
-    bars = (("PEFT", lambda m: PAIR.get(m), "tab:gray"), ("lorakit, eager", lambda m: m + " [eager]", "tab:blue"),
-            ("lorakit (default)", lambda m: m, "navy"))
+    bars = (("PEFT", lambda m: PAIR.get(m), "tab:gray"), ("PEFT, bf16 autocast", lambda m: PAIR_AUTOCAST.get(m), "silver"),
+            ("lorakit, eager", lambda m: m + " [eager]", "tab:blue"), ("lorakit (default)", lambda m: m, "navy"))
+    methods = [m for m in LORAKIT if any((s, m) in rows for s in shapes)]
     fig, axes = plt.subplots(len(shapes), 2, figsize=(13, 3.8 * len(shapes)), squeeze=False)
+    width = 0.8 / len(bars)
     for i, shape in enumerate(shapes):
         for j, (key, title) in enumerate((("tokens_per_s", "tokens/s"), ("peak_gib", "peak GPU memory (GiB)"))):
             ax = axes[i][j]
             for k, (label, name, color) in enumerate(bars):
                 xs, ys = [], []
-                for x, m in enumerate(LORAKIT):
+                for x, m in enumerate(methods):
                     r = rows.get((shape, name(m) or ""))
                     if r:
-                        xs.append(x + (k - 1) * 0.27)
+                        xs.append(x + (k - (len(bars) - 1) / 2) * width)
                         ys.append(r[key])
-                ax.bar(xs, ys, width=0.27, color=color, label=label)
-            ax.set_xticks(range(len(LORAKIT)), LORAKIT, rotation=30)
+                if xs:
+                    ax.bar(xs, ys, width=width, color=color, label=label)
+            ax.set_xticks(range(len(methods)), methods)
             ax.set_title(f"{shape}: {title}")
             ax.legend(fontsize=8)
-    fig.suptitle(f"{results['device']}, batch {results['batch']}x{results['seq']}, bf16, r=16 (VeRA r=256 on q,v)")
+    note = results.get("note") or f"batch {results['batch']}x{results['seq']}"
+    fig.suptitle(f"{results['device']}, {note}, bf16, r=16 on all seven projections")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -519,6 +725,12 @@ def main() -> None:
     ap.add_argument("--lever-runs", nargs="*", metavar="SHAPE:METHOD:KEY=VALUE,...",
                     help="extra lorakit runs with train (and method.) overrides, e.g. "
                          "qwen2.5-0.5b:lora:compile=true or qwen2.5-0.5b:lora_fa:method.lora_dropout=0.05")
+    ap.add_argument("--real", nargs="*", metavar="SHAPE:SOURCE[:STEPS]",
+                    help="real-length data (scripts/real_lengths.json: chatterbot, bbc-news-text): lorakit packed "
+                         "vs PEFT padded, real tokens/s and losses on the same examples")
+    ap.add_argument("--max-batch", nargs="*", metavar="SHAPE:METHOD[:KEY=VALUE,...]",
+                    help="largest batch of --seq tokens per row under --cap-gib (lorakit methods or peft-*)")
+    ap.add_argument("--cap-gib", type=float, default=80.0)
     ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"))
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge the rows of several runs into --out")
     args = ap.parse_args()
@@ -552,7 +764,7 @@ def main() -> None:
         results["dora_selfcheck"] = dora_selfcheck(device)
         print(f"DoraScale self-check: {results['dora_selfcheck']}", flush=True)
     rows = results["rows"]
-    if args.profile is not None or args.lever_runs is not None:
+    if any(x is not None for x in (args.profile, args.lever_runs, args.real, args.max_batch)):
         out_dir = os.path.dirname(os.path.abspath(args.out))
         for spec in args.profile or []:
             shape, name = spec.split(":")
@@ -564,18 +776,17 @@ def main() -> None:
                 traceback.print_exc()
                 free()
         for spec in args.lever_runs or []:
-            shape, name, kv = spec.split(":")
-            fields = {k: json.loads(v) if v in ("true", "false") else v for k, v in (p.split("=") for p in kv.split(","))}
-            method = {k.removeprefix("method."): v for k, v in fields.items() if k.startswith("method.")}
-            train = {k: v for k, v in fields.items() if not k.startswith("method.")}
+            shape, name, setup, fields, opts = parse_spec(spec, device)
             t0 = time.perf_counter()
             try:
-                row = run_one(args, shape, f"{name} {fields}",
-                              lambda b: lorakit_setup(shape, name, device, b, train=train, method=method or None),
-                              device, vocab_of(shape))
+                if opts.get("snapshot"):
+                    row = memory_history(args, shape, f"{name} {fields}", setup, device, vocab_of(shape), out_dir)
+                else:
+                    row = run_one(args, shape, f"{name} {fields}" if fields else name, setup, device, vocab_of(shape))
             except Exception as err:
                 traceback.print_exc()
-                row = {"shape": shape, "method": name, "error": str(err)}
+                row = {"shape": shape, "method": f"{name} {fields}", "error": f"{type(err).__name__}: {err}"}
+                free()
             row["total_s"] = time.perf_counter() - t0
             with contextlib.suppress(Exception):
                 from torch._dynamo.utils import counters
@@ -584,8 +795,33 @@ def main() -> None:
                 counters.clear()
             rows.append(row)
             print(json.dumps(row), flush=True)
+            json.dump(results, open(args.out, "w"), indent=1)
+        for spec in args.real or []:
+            shape, source, steps = (spec.split(":") + ["8"])[:3]
+            try:
+                results.setdefault("real", []).extend(real_lengths(args, shape, source, int(steps), device))
+            except Exception as err:
+                traceback.print_exc()
+                results.setdefault("real", []).append({"shape": shape, "source": source, "error": f"{type(err).__name__}: {err}"})
+                free()
+            json.dump(results, open(args.out, "w"), indent=1)
+        for spec in args.max_batch or []:
+            shape, name, setup, fields, _ = parse_spec(spec, device)
+            label = f"{name} {fields}" if fields else name
+            try:
+                found = max_batch(args, shape, setup, device, vocab_of(shape), cap_gib=args.cap_gib)
+            except Exception as err:
+                traceback.print_exc()
+                found = f"{type(err).__name__}: {err}"
+                free()
+            results.setdefault("max_batch", []).append({"shape": shape, "method": label, "tokens": found,
+                                                        "cap_gib": args.cap_gib})
+            print(f"max batch in {args.cap_gib} GiB, {shape} {label}: {found} tokens", flush=True)
+            json.dump(results, open(args.out, "w"), indent=1)
         json.dump(results, open(args.out, "w"), indent=1)
         print(table(rows, results.get("gemm_tflops")))
+        for r in results.get("real", []):
+            print("REAL", json.dumps({k: v for k, v in r.items() if k != "losses"}))
         return
 
     def record(shape, label, setup, ctx=contextlib.nullcontext):
@@ -602,7 +838,8 @@ def main() -> None:
         json.dump(results, open(args.out, "w"), indent=1)
 
     shapes = args.shapes or (["qwen2.5-0.5b", "llama-3.2-1b"] if cuda else ["smollm2"])
-    order = ["lora", "peft-lora", "dora", "peft-dora", "qlora", "peft-qlora", "vera", "peft-vera",
+    order = ["lora", "peft-lora", "peft-lora+autocast", "dora", "peft-dora", "qlora", "peft-qlora",
+             "peft-qlora+autocast", "vera", "peft-vera",
              "lora_fa", "dylora", "delta_lora", "lora_drop"]
     methods = [m for m in order if m in (args.methods or order)]
     for shape in shapes:

@@ -7,11 +7,14 @@
 #                                     compile, on variable-length data, against the same run uncompiled
 #   tests/fast/test_ops.py            DoRA's Triton kernels
 # Usage, from the repository root:  bash scripts/gpu_checks.sh [pytest arguments, default: tests]
-# Packages missing on the machine can sit as wheels in .whl/ (installed into /tmp/site first): lorakit's
-# own needs that the machine lacks (pydantic, datasets, dill, multiprocess, ...) and liger-kernel
-# (SKIP_WHEELS=1 skips that).
+# Packages missing on the machine: .whl/site-base.tgz from scripts/gpu_prepare.sh (unpacked into /tmp/site
+# first), or wheels in .whl/ (installed there): lorakit's own needs that the machine lacks (bitsandbytes,
+# pydantic, datasets, dill, multiprocess, ...) and liger-kernel (SKIP_WHEELS=1 skips that).
 set -euo pipefail
-if [ -z "${SKIP_WHEELS:-}" ] && compgen -G ".whl/*.whl" > /dev/null; then
+if [ -z "${SKIP_WHEELS:-}" ] && [ -f .whl/site-base.tgz ]; then  # made by scripts/gpu_prepare.sh
+    mkdir -p /tmp/site && tar xzf .whl/site-base.tgz -C /tmp/site
+    export PYTHONPATH=/tmp/site
+elif [ -z "${SKIP_WHEELS:-}" ] && compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
 fi

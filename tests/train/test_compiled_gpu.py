@@ -168,8 +168,8 @@ def test_dylora_ranks_evaluated_after_compiled_training(tmp_path):
 
 
 def test_qlora_under_cuda_graphs_matches_eager(tmp_path):
-    """QLoRA (bitsandbytes NF4 base, bf16 compute, paged AdamW) with ``train.compile: cudagraphs``, the
-    opt-in that docs/benchmarks.md measures at 0.71× / 0.84× of LoRA (``auto`` leaves a k-bit base eager)."""
+    """QLoRA (bitsandbytes NF4 base, bf16 compute, fused AdamW) under CUDA graphs, what ``train.compile:
+    auto`` does over a k-bit base since issue 17 (docs/benchmarks.md: 0.93–0.97× of LoRA)."""
     pytest.importorskip("bitsandbytes")
     from tests.test_quant import save_tiny
 
