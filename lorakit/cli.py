@@ -12,11 +12,33 @@ from rich.markup import escape
 from rich.table import Table
 
 from lorakit.errors import LorakitError
+from lorakit.output import quiet_third_party, tidy_help
 
 app = typer.Typer(help="Fine-tune language models with the LoRA family, from YAML recipes.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 out = Console()
+tidy_help()
+state = {"verbose": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lorakit import __version__
+
+        typer.echo(f"lorakit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show other libraries' warnings, log lines "
+                                 "and progress bars (quiet by default)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Fine-tune language models with the LoRA family, from YAML recipes."""
+    state["verbose"] = verbose
+    quiet_third_party(verbose)
 TRUST = typer.Option(False, "--trust-remote-code", help="Allow the model folder's own Python code (config.json "
                      "auto_map) to run. A run folder's recipe can never turn this on by itself.")
 
@@ -53,7 +75,7 @@ def train(
         from lorakit.train.run import run_training
 
         extra = ["model.trust_remote_code=true"] if trust_remote_code else []
-        run_training(recipe, [*(overrides or []), *extra], resume, console, world=world)
+        run_training(recipe, [*(overrides or []), *extra], resume, console, world=world, verbose=state["verbose"])
     except LorakitError as err:
         _fail(type(err)(f"{world.label()}: {err}") if world.size > 1 else err)
     except Exception as err:
@@ -97,10 +119,11 @@ def eval_cmd(
     def fmt(value) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
+    out.print(f"eval of {path}", highlight=False, markup=False, soft_wrap=True)  # a path never broken mid-word
     per_rank = {k: v for k, v in metrics.items() if isinstance(v, dict)}  # --ranks: {"rank_b": metrics}
     if per_rank:
         names = list(next(iter(per_rank.values())))
-        table = Table(title=f"eval of {path}, by rank")
+        table = Table(title="held-out metrics by rank")
         table.add_column("rank")
         for name in names:
             table.add_column(name, justify="right")
@@ -108,7 +131,7 @@ def eval_cmd(
             table.add_row(key.removeprefix("rank_"), *(fmt(values.get(n)) for n in names))
         out.print(table)
         return
-    table = Table(title=f"eval of {path}")
+    table = Table(title="held-out metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
@@ -288,10 +311,13 @@ def list_methods(as_json: bool = typer.Option(False, "--json", help="Print as JS
         out.print_json(json.dumps(rows))
         return
     table = Table(title="lorakit methods")
-    for col in ("name", "paper", "trains", "hooks", "mergeable"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True)
+    table.add_column("paper", ratio=3)
+    table.add_column("trains", ratio=4)
+    table.add_column("hooks", no_wrap=True)  # one per line, never cut; paper and trains wrap instead
+    table.add_column("merge", no_wrap=True)
     for row in rows:
-        table.add_row(row["name"], row["paper"], row["trains"], ", ".join(row["hooks"]) or "-",
+        table.add_row(row["name"], row["paper"], row["trains"], "\n".join(row["hooks"]) or "-",
                       "yes" if row["mergeable"] else "no")
     out.print(table)
 

@@ -28,6 +28,7 @@ from lorakit.fast import accelerate, resolve_cross_entropy
 from lorakit.fast.kernels import compile_mode, decoder_layers
 from lorakit.faults import kill_point
 from lorakit.loss import batch_loss, count_loss_items
+from lorakit.output import progress_for
 from lorakit.precision import recipe_precision
 from lorakit.storage import checkpoint as ckpt
 from lorakit.storage.peft import write_peft_folder
@@ -331,10 +332,9 @@ class Trainer:
         cfg, stop = self.recipe.train, stop or StopSignals()
         optimizer, scheduler = self._start(resume_from)
         accum = cfg.gradient_accumulation_steps
-        progress = Progress(
+        progress = progress_for(self.console, self.total_steps, [  # plain lines when not on a terminal
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(), console=self.console, transient=False,
-        )
+            TimeRemainingColumn()])
         pending: StepStats | None = None  # the step queued last, read after the next one is queued
         try:
             with progress:

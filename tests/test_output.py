@@ -1,0 +1,71 @@
+"""Output off a terminal, third-party noise, and the command-line help."""
+
+import io
+import os
+import subprocess
+import sys
+import warnings
+
+from rich.console import Console
+from typer.testing import CliRunner
+
+from lorakit import output
+from lorakit.cli import app
+from tests.tiny_run import tiny_recipe, tiny_world, write_recipe  # noqa: F401
+
+
+def test_plain_progress_prints_every_n_steps_and_the_last():
+    buffer = io.StringIO()
+    progress = output.PlainProgress(Console(file=buffer, width=200), every=4, seconds=1e9)
+    with progress:
+        task = progress.add_task("train", total=10, completed=0, info="")
+        for step in range(1, 11):
+            progress.update(task, info=f"loss {1 / step:.2f}")
+            progress.update(task, completed=step)
+    lines = buffer.getvalue().splitlines()
+    assert [line.split()[2] for line in lines] == ["4/10", "8/10", "10/10"]
+    assert "loss 0.25" in lines[0] and "eta" in lines[0] and "\x1b" not in buffer.getvalue()
+
+
+def test_progress_is_plain_off_a_terminal():
+    assert isinstance(output.progress_for(Console(file=io.StringIO()), 100, []), output.PlainProgress)
+    assert not isinstance(output.progress_for(Console(force_terminal=True), 100, []), output.PlainProgress)
+
+
+def test_quiet_keeps_the_users_own_settings(monkeypatch):
+    for key in output.QUIET_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
+    with warnings.catch_warnings():
+        output.quiet_third_party(verbose=False)
+        assert os.environ["TQDM_DISABLE"] == "1" and os.environ["TRANSFORMERS_VERBOSITY"] == "info"
+    monkeypatch.delenv("TQDM_DISABLE")
+    output.quiet_third_party(verbose=True)
+    assert "TQDM_DISABLE" not in os.environ
+
+
+def test_help_has_no_type_tags_or_braces():
+    runner = CliRunner()
+    text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "100"}).output
+    assert "<bool>" not in text and "{recipe}" not in text and "RECIPE [OVERRIDES]..." in text
+    assert runner.invoke(app, ["--version"]).output.startswith("lorakit ")
+
+
+def test_list_methods_never_cuts_a_hook_name():
+    text = CliRunner().invoke(app, ["list-methods"]).output
+    assert "after_optimizer_step" in text and "…" not in text and "merge" in text
+
+
+def test_training_off_a_terminal_prints_plain_lines_and_no_third_party_bars(tiny_world, tmp_path):
+    """A real process with stdout/stderr to a pipe, as under nohup or CI."""
+    run = tmp_path / "a-rather-long-folder-name-for-the-eval-title" / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_world, run, train={"max_steps": 4}))
+    cli = [sys.executable, "-c", "from lorakit.cli import main; main()"]
+    env = {k: v for k, v in os.environ.items() if k not in output.QUIET_ENV and k != "COLUMNS"}
+    done = subprocess.run([*cli, "train", str(recipe)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout + done.stderr
+    assert "train step 4/4 (100%)" in text
+    assert "Loading weights" not in text and "it/s]" not in text and "\x1b[" not in text
+    shown = subprocess.run([*cli, "eval", str(run)], capture_output=True, text=True, env=env, timeout=300)
+    assert f"eval of {run / 'final'}" in shown.stdout  # the path whole, on its own line
