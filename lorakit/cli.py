@@ -64,8 +64,13 @@ def train(
 
     Under torchrun (``torchrun --nproc_per_node N -m lorakit train RECIPE``) each process trains its share."""
     if nproc_per_node is not None:
+        from lorakit.config import load_recipe
         from lorakit.launch import launch_local
 
+        try:
+            load_recipe(recipe, overrides or [])  # a bad recipe: one line here, not one per process
+        except LorakitError as err:
+            _fail(err)
         flags = ["--resume"] * resume + ["--trust-remote-code"] * trust_remote_code
         raise typer.Exit(launch_local(nproc_per_node, [str(recipe), *(overrides or []), *flags], console))
     from lorakit import world as world_

@@ -27,5 +27,5 @@ def launch_local(nproc: int, train_args: list[str], console: Console) -> int:
         rank, failure = err.get_first_failure()
         console.print(f"[bold red]error:[/] rank {rank} of {nproc} failed (exit code {failure.exitcode}); "
                       "torchrun stopped the other ranks", highlight=False, soft_wrap=True)
-        return 1
+        return failure.exitcode if isinstance(failure.exitcode, int) and failure.exitcode > 0 else 1
     return 0

@@ -36,7 +36,8 @@ CASES = {  # name: (method fields, model kind)
     "qlora": ({"name": "qlora"}, "qllama"),
     "lora_bert": ({"name": "lora"}, "bert"),  # classification: sharded accuracy / macro-F1
 }
-FSDP_CASES = ["lora", "dora", "vera", "lora_fa", "delta_lora", "dylora"]  # dylora: falls back to DDP
+FSDP_CASES = ["lora", "lora_plus", "dora", "vera", "lora_fa", "delta_lora", "qlora",  # qlora: NF4 base sharded
+              "dylora"]  # dylora: falls back to DDP
 
 
 def make(root: Path, case: str, world: World, save_every: int | None = None, method_state=None,
@@ -106,7 +107,7 @@ def job(rank: int, root: str, mode: str, qfolder: str | None, reference: str) ->
     dist.init_process_group("gloo", init_method=f"file://{root}/store-{mode}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=120))
     world = World(rank=rank, size=2, mode=mode)
-    cases = FSDP_CASES if mode == "fsdp" else [c for c in CASES if c != "qlora" or qfolder]
+    cases = [c for c in (FSDP_CASES if mode == "fsdp" else CASES) if c != "qlora" or qfolder]
     drawn: list[int] = []
     for case in cases:
         trainer = make(root, case, world, save_every=3 if case == "lora" else None,
@@ -116,6 +117,9 @@ def job(rank: int, root: str, mode: str, qfolder: str | None, reference: str) ->
             trainer.method.start_step = lambda b: (drawn.append(b), start(b))[1]
         trainer.train()
         dump_adapter(trainer, root / case / f"rank{rank}.safetensors")
+        if case == "qlora" and mode == "fsdp":
+            w = trainer.model.model.layers[0].self_attn.q_proj.base_layer.weight
+            (root / case / "base_sharded").write_text(f"{type(w).__name__} {str(w.dtype).removeprefix('torch.')}")
         if case == "lora_drop":
             (root / case / f"kept{rank}.json").write_text(json.dumps(trainer.method.selection["kept"]))
     (root / f"dylora_ranks{rank}.json").write_text(json.dumps(drawn))

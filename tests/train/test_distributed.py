@@ -109,13 +109,15 @@ def test_ddp_matches_one_process_for_every_method(tmp_path, qfolder):
 def test_fsdp_matches_one_process_and_saves_the_whole_adapter(tmp_path, qfolder):
     reference, root = tmp_path / "one", tmp_path / "fsdp"
     reference_runs(reference, qfolder, dist_jobs.FSDP_CASES)
-    spawn(root, "fsdp", None, reference)
+    spawn(root, "fsdp", qfolder, reference)
     worst = {case: assert_same_run(root / case, reference / case) for case in dist_jobs.FSDP_CASES}
     print("max |loss difference| FSDP vs one process:", worst)
     for case in dist_jobs.FSDP_CASES:
         saved = load_file(str(root / case / "final/adapter.safetensors"))
         dumped = load_file(str(root / case / "rank0.safetensors"))
         gathered = {k.removeprefix("gathered::"): v for k, v in dumped.items() if k.startswith("gathered::")}
+        if case == "qlora":  # the 4-bit base itself was sharded (packed uint8 DTensor), not only the adapter
+            assert (root / case / "base_sharded").read_text() == "DTensor uint8"
         assert gathered and all(torch.equal(saved[k], v) for k, v in gathered.items()), case  # whole, not a shard
         want = load_file(str(reference / case / "final/adapter.safetensors"))
         assert saved.keys() == want.keys()
@@ -160,15 +162,48 @@ def test_batch_line_and_unshardable_methods_say_so():
     assert resolve_mode(World(), "auto", build_method(recipe.method)) == (World(), None)
 
 
-def test_a_failing_rank_ends_the_job_in_seconds(tmp_path):
-    """torchrun, 2 processes, rank 1 raises at step 2: exit ≠ 0, one line naming the rank, no hang."""
+def tiny_recipe(tmp_path, batch_size: int = 2, **train) -> Path:
+    """A recipe over a tiny saved Llama and its word data (tests/test_quant.py), fp32, no dropout."""
     from tests.test_quant import save_tiny
 
     save_tiny(tmp_path, texts=24)
+    extra = "".join(f", {k}: {v}" for k, v in train.items())
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {{name_or_path: {tmp_path}}}\nmethod: {{name: lora, r: 2}}\n"
+    recipe.write_text(f"model: {{name_or_path: {tmp_path}}}\nmethod: {{name: lora, r: 2, lora_dropout: 0.0}}\n"
                       f"data: {{source: {tmp_path / 'data.jsonl'}, format: text, max_seq_length: 16}}\n"
-                      f"train: {{batch_size: 2, max_steps: 4, num_samples: 0}}\noutput_dir: {tmp_path / 'run'}\n")
+                      f"train: {{batch_size: {batch_size}, max_steps: 4, num_samples: 0, precision: fp32{extra}}}\n"
+                      f"output_dir: {tmp_path / 'run'}\n")
+    return recipe
+
+
+def test_cli_two_processes_then_eval_and_resume_on_one(tmp_path):
+    """``lorakit train --nproc-per-node 2`` (torchrun), then ``eval`` and a 1-process ``--resume`` at the
+    same global batch through the command line: the run folder is an ordinary one."""
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    recipe = tiny_recipe(tmp_path, save_every=2)
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", str(recipe), "--nproc-per-node", "2"],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "batch: 2 per device × 1 accumulation × 2 processes, DDP = 4 rows per step" in done.stdout + done.stderr
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    evaluated = CliRunner().invoke(app, ["eval", str(run), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["eval_loss"] == pytest.approx(summary["after"]["eval_loss"], abs=TOL)
+    refused = CliRunner().invoke(app, ["train", str(recipe), "train.max_steps=6", "--resume"])
+    assert refused.exit_code == 1 and "pass train.batch_size=4" in refused.output
+    resumed = CliRunner().invoke(app, ["train", str(recipe), "train.max_steps=6", "train.batch_size=4", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_failing_rank_ends_the_job_in_seconds(tmp_path):
+    """torchrun, 2 processes, rank 1 raises at step 2: exit ≠ 0, one line naming the rank, no hang."""
+    recipe = tiny_recipe(tmp_path)
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(Path(__file__).with_name("dist_fault.py")), "train", str(recipe)],
