@@ -185,3 +185,23 @@ def test_kbit_optimizer_class(monkeypatch, capsys):
     assert err.count("paged AdamW needs CUDA") == 1
     cls = quant.kbit_optimizer_class(torch.device("cuda"))
     assert cls is bnb.optim.PagedAdamW32bit  # 32-bit states, paged (QLoRA §3)
+
+
+def test_a_bf16_k_bit_base_keeps_its_residual_stream_in_bf16(folder):
+    """Issue 17: fp32 norm weights (PEFT's prepare_model_for_kbit_training) turn every norm output, the
+    projections after it and the residual stream into fp32 — the +3.9 GiB compiled QLoRA held on the GPU
+    (docs/benchmarks.md). After prepare_kbit_model each layer's output stays in the bf16 load dtype."""
+    model = quant.prepare_kbit_model(quantized(folder, dtype="bfloat16"))
+    model.enable_input_require_grads()  # the training path (bitsandbytes' no-grad CPU kernel is another)
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(hidden) > 2 and all(h.dtype == torch.bfloat16 for h in hidden), [h.dtype for h in hidden]
+    upcast = quantized(folder, dtype="bfloat16")
+    for name, p in upcast.named_parameters():
+        if "norm" in name:
+            p.data = p.data.float()  # what the old preparation did
+    upcast.enable_input_require_grads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        old = upcast(input_ids=ids, output_hidden_states=True).hidden_states
+    assert old[-2].dtype == torch.float32  # the test would see the regression
