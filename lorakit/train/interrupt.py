@@ -67,6 +67,11 @@ class StopSignals:
         finally:
             self.deferring = outer
 
+    def hold_always(self) -> None:
+        """Hold every signal from now on (:meth:`holding` everywhere); :meth:`check` still raises. For a
+        distributed run, where the ranks must stop at the same step (``Trainer._agree_on_stop``)."""
+        self.deferring = True
+
     def check(self) -> None:
         """Raise :class:`Stopped` if a signal was recorded."""
         if self.requested is not None:

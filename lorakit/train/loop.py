@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +324,14 @@ class Trainer:
         self.world.decorrelate_rng(self.recipe.train.seed, self.step)
         return optimizer, scheduler
 
+    def _agree_on_stop(self, stop: StopSignals) -> None:
+        """Several processes: a stop signal seen by any rank is taken by all, at the same step (one
+        all-reduce per step), so that every rank writes the same checkpoint and none waits for a peer."""
+        if self.world.size > 1:
+            votes = self.world.all_reduce_sum(torch.tensor([0 if stop.requested is None else 1]))
+            if int(votes.item()) and stop.requested is None:
+                stop.requested = signal.SIGTERM
+
     def train(self, resume_from: Path | None = None, stop: StopSignals | None = None) -> dict:
         """Train to ``total_steps``; returns the final eval metrics. Writes metrics.jsonl, checkpoints.
 
@@ -330,6 +339,8 @@ class Trainer:
         steps with a checkpoint of the step reached: :class:`Stopped` is raised with ``step`` and
         ``checkpoint`` (the newest checkpoint, None when nothing was saved yet) set."""
         cfg, stop = self.recipe.train, stop or StopSignals()
+        if self.world.size > 1:  # a signal never cuts a collective short: the ranks agree on it after each step
+            stop.hold_always()
         optimizer, scheduler = self._start(resume_from)
         accum = cfg.gradient_accumulation_steps
         progress = progress_for(self.console, self.total_steps, [  # plain lines when not on a terminal
@@ -348,6 +359,7 @@ class Trainer:
                         stats = self.optimizer_step(batches, optimizer, scheduler)
                         stats.started = step_start
                         kill_point(f"step:{self.step}")
+                        self._agree_on_stop(stop)
                         if pending is not None:
                             log.record(pending)
                         pending = stats
@@ -368,7 +380,8 @@ class Trainer:
                     if at_save:
                         with stop.holding():
                             self._save(optimizer, scheduler)
-                    stop.check()
+                    if self.world.size == 1:  # several processes: only where the ranks agreed (after a step)
+                        stop.check()
             return self._finish(optimizer, scheduler, stop)
         except Stopped as err:
             if not err.forced and self.step > self.saved_step:  # between steps: the state is consistent

@@ -5,6 +5,7 @@ a failing rank ends the job. The 2-process jobs run every case in one spawn (tes
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -201,13 +202,36 @@ def test_cli_two_processes_then_eval_and_resume_on_one(tmp_path):
     assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
 
 
+def torchrun_fault(recipe: Path, fault: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LORAKIT_TEST_FAULT": fault}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(Path(__file__).with_name("dist_fault.py")), "train", str(recipe)],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
 def test_a_failing_rank_ends_the_job_in_seconds(tmp_path):
     """torchrun, 2 processes, rank 1 raises at step 2: exit ≠ 0, one line naming the rank, no hang."""
     recipe = tiny_recipe(tmp_path)
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(Path(__file__).with_name("dist_fault.py")), "train", str(recipe)],
-                          capture_output=True, text=True, timeout=120)
+    done = torchrun_fault(recipe, "raise")
     assert done.returncode != 0
     assert "error: rank 1 of 2 failed: RuntimeError: failure injected at step 2" in done.stderr, done.stderr[-3000:]
     assert time.monotonic() - start < 90
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 during step 2: both ranks finish step 2, write one checkpoint, and stop;
+    one process resumes it (same global batch) to the end."""
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    recipe = tiny_recipe(tmp_path)
+    done = torchrun_fault(recipe, "signal")
+    assert done.returncode != 0 and "stopped (SIGTERM) at step 2" in done.stderr, done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert sorted(losses(run)) == [1, 2]
+    resumed = CliRunner().invoke(app, ["train", str(recipe), "train.batch_size=4", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(losses(run)) == [1, 2, 3, 4]
