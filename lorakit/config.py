@@ -10,6 +10,7 @@ problem becomes one :class:`RecipeError` line naming the field, the bad value an
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ DEFAULT_METHOD = MethodConfig.model_fields["name"].default  # method.name when a
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -132,7 +133,7 @@ class Recipe(Section):
     method: MethodConfig = MethodConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
-    output_dir: str = Field("runs/default", description=
+    output_dir: str = Field("runs/default", min_length=1, description=
         "the run folder: metrics.jsonl, summary.json, checkpoints/, final/")
 
     @field_validator("method", mode="before")
@@ -179,6 +180,9 @@ class Recipe(Section):
         return self
 
 
+_UNION_TAG = re.compile(r"^(list|dict|str|int|float|bool|literal|function-\w+)(\[.*\])?$")
+
+
 def _nearest(key: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
     return f" (did you mean `{close[0]}`?)" if close else f"; allowed: {', '.join(allowed)}"
@@ -203,7 +207,7 @@ def _section_fields(data: dict, loc: tuple) -> list[str]:
 
 def _format_error(err: ValidationError, data: dict, origin: str) -> str:
     first = err.errors()[0]
-    loc = tuple(first["loc"])
+    loc = tuple(p for p in first["loc"] if not _UNION_TAG.match(str(p)))  # not `list[str]` of a union
     field = ".".join(str(p) for p in loc) or "recipe"
     if first["type"] == "extra_forbidden":
         key = str(loc[-1])
@@ -212,9 +216,16 @@ def _format_error(err: ValidationError, data: dict, origin: str) -> str:
     ctx = first.get("ctx", {})
     if "expected" in ctx:
         msg = f"expected {ctx['expected']}"
-    if not loc:  # a rule across sections: the message names the fields
+    if not loc or f"{field}." in msg:  # a rule across fields: the message names them
         return f"{origin}: {msg}"
     return f"{origin}: {field} = {first.get('input')!r} is invalid: {msg}"
+
+
+def _yaml_reason(err: yaml.YAMLError) -> str:
+    """One line: the problem and its line, from a PyYAML error."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem}, line {mark.line + 1}" if mark is not None else problem
 
 
 def parse_value(text: str) -> Any:
@@ -228,11 +239,11 @@ def parse_value(text: str) -> Any:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply dotted ``key=value`` overrides, e.g. ``train.max_steps=20``. Raises RecipeError."""
     for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"override {item!r}: expected KEY=VALUE, for example train.max_steps=20")
-        key, _, raw = item.partition("=")
-        node = data
+        key, eq, raw = item.partition("=")
         parts = key.strip().split(".")
+        if not eq or not all(part.strip() for part in parts):
+            raise RecipeError(f"override {item!r}: expected KEY=VALUE with a dotted KEY, for example train.max_steps=20")
+        node = data
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
@@ -250,6 +261,23 @@ def recipe_from_dict(data: dict, origin: str = "recipe") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format_error(err, data, origin)) from None
+    except RecipeError as err:  # raised inside a validator (an unknown method.name): name the file too
+        raise RecipeError(f"{origin}: {err}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"`{key}` is given twice in one section (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -262,9 +290,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: not UTF-8 text (byte {path.read_bytes()[err.start]:#04x} on line {line}); "
+                          "save the recipe as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise RecipeError(f"{path}: not valid YAML ({_yaml_reason(err)})") from None
+    if data is None or data == {}:
+        raise RecipeError(f"{path}: the recipe is empty; it needs at least model, data and output_dir "
+                          "(lorakit recipe prints a commented one)")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping with sections model, method, data, train")
     origin = f"{path} + command-line overrides" if overrides else str(path)

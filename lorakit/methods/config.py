@@ -9,9 +9,10 @@ through the registry by ``method.name``.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PEER_ALIASES = {"lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
@@ -19,7 +20,7 @@ PEER_ALIASES = {"lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 class MethodConfig(BaseModel):
     """Fields every method accepts. Methods subclass this for their own fields."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     name: str = Field("lora", description="the adapter method (lorakit list-methods)")
     r: int = Field(8, gt=0, description="rank of the update BA (alias lora_r)")
@@ -39,10 +40,28 @@ class MethodConfig(BaseModel):
         """Accept the names other tools use: ``lora_r``, ``alpha``, ``dropout`` (every method inherits this)."""
         if isinstance(data, dict):
             for alias, name in PEER_ALIASES.items():
-                if alias in data and name not in data:
+                if alias in data and name in data:
+                    raise ValueError(f"method.{alias} and method.{name} conflict: {alias} is another name for "
+                                     f"{name}; give one of them")
+                if alias in data:
                     data = {**data, name: data[alias]}
                     del data[alias]
         return data
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: list[str] | str) -> list[str] | str:
+        """A non-empty list of non-empty names, all-linear, or a regex that compiles."""
+        if isinstance(value, list):
+            if not value or not all(name.strip() for name in value):
+                raise ValueError("expected module names such as [q_proj, v_proj] (none empty), a regex string, "
+                                 "or all-linear")
+        elif value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a valid regex ({err}); give module names as a list, e.g. [q_proj, v_proj]")
+        return value
 
 
 class LoraConfig(MethodConfig):

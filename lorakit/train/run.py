@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -172,6 +174,25 @@ def starting_point(run_dir: Path, recipe, resume: bool, console: Console,
     return latest, step
 
 
+def check_output_dir(run_dir: Path) -> None:
+    """Refuse, before anything loads, an ``output_dir`` that is a file or cannot be created or written
+    (a folder is created in it and removed at once, or in its nearest existing parent).
+
+    Raises LorakitError naming output_dir and the reason."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LorakitError(f"output_dir {run_dir}: exists and is not a folder; choose another output_dir")
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LorakitError(f"output_dir {run_dir}: {parent} is a file, not a folder; choose another output_dir")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lorakit-write-check-", dir=parent))
+    except OSError as err:
+        raise LorakitError(f"output_dir {run_dir}: cannot write in {parent} ({err.strerror}); choose another "
+                           "output_dir") from None
+
+
 def stop_message(stop: Stopped, recipe_path: Path, overrides: list[str]) -> str:
     """One line: where training stopped, the checkpoint, and the command that resumes it."""
     command = shlex.join(["lorakit", "train", str(recipe_path), *overrides, "--resume"])
@@ -200,6 +221,7 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
         console = Console(quiet=True)
         quiet_libraries()
     recipe = load_recipe(recipe_path, overrides)
+    check_output_dir(Path(recipe.output_dir))
     with StopSignals() as stop:
         try:
             return _train(recipe, resume, console, verbose, stop, world)
