@@ -60,6 +60,9 @@ class DataConfig(Section):
     eval_max_examples: int | None = Field(None, gt=0, description="cap on held-out examples; null: no cap")
     max_examples: int | None = Field(None, gt=0, description="cap on training examples; null: no cap")
     packing: bool = Field(False, description="pack short examples into full rows (no attention across examples)")
+    skip_bad_rows: bool = Field(False, description=
+        "leave out malformed rows (chat messages, empty instruction/output, missing label) and print how many; "
+        "false: the first one is an error naming it")
 
 
 class TrainConfig(Section):

@@ -142,6 +142,8 @@ def load_session(recipe: Recipe, weights: WeightSource = None, console: Console 
     if isinstance(weights, PeftFolder):
         apply_adapter_config(recipe, weights.path)  # fails before any model loads
     raw = load_raw(recipe.data, task, recipe.train.seed) if with_data else None
+    for note in raw.notes if raw is not None and console is not None else []:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
     labels = raw.label_names if raw is not None else label_names
     torch.manual_seed(recipe.train.seed)
     model, tokenizer = load_base(recipe, labels, trust_remote_code)

@@ -12,7 +12,7 @@ import contextlib
 import re
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -20,6 +20,7 @@ import yaml
 from datasets import ClassLabel, Dataset, Features, Value
 
 from lorakit.config import DataConfig
+from lorakit.data.check import check_file, keep_good_rows
 from lorakit.errors import LorakitError
 
 BUILTINS = ("chatterbot", "bbc-news", "bbc-news-text")
@@ -38,16 +39,21 @@ class RawData:
     eval: Dataset
     format: str  # resolved: text | instruction | chat | classification
     label_names: list[str] | None  # classification only
+    notes: list[str] = field(default_factory=list)  # what the user should read (rows skipped), one line each
 
 
 @contextlib.contextmanager
 def quiet_datasets():
-    """Silence ``datasets``' tqdm bars for the duration (lorakit shows its own progress)."""
+    """Silence ``datasets``' tqdm bars and log lines for the duration (lorakit shows its own progress, and
+    a reader's error becomes lorakit's one line)."""
     was_disabled = datasets.utils.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.utils.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 10)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if not was_disabled:
             datasets.utils.enable_progress_bars()
 
@@ -118,6 +124,8 @@ def _load_local(source: str, path: Path) -> Dataset:
     if len(kinds) > 1:
         raise LorakitError(f"data.source '{source}': mixes file kinds ({', '.join(sorted(kinds))}); use one kind")
     builder = next(iter(kinds))
+    for file in files:
+        check_file(source, file)  # empty, not UTF-8, a broken JSON line: named before a reader sees it
     kwargs = {"delimiter": "\t"} if all(p.suffix.lower() == ".tsv" for p in files) else {}
     try:
         with quiet_datasets():
@@ -126,7 +134,10 @@ def _load_local(source: str, path: Path) -> Dataset:
         raise LorakitError(f"data.source '{source}': could not read it as {builder}: {_one_line(err)}") from None
 
 
-def _one_line(err: Exception) -> str:
+def _one_line(err: BaseException) -> str:
+    """The first line of the innermost cause (a reader's own message names the line at fault)."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
@@ -195,45 +206,48 @@ def resolve_format(fmt: str, columns: list[str], fields: dict[str, str], task: s
 
 
 def clean_messages(messages) -> list[dict] | None:
-    """The messages as plain dicts without the None fields Arrow adds; None when not a message list."""
-    if not isinstance(messages, list):
-        return None
-    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+    """The messages as plain dicts without the None fields Arrow adds; None when not a list of mappings."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return None
     return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
-def standardize(ds: Dataset, fmt: str, fields: dict[str, str]) -> tuple[Dataset, list[str] | None]:
-    """Rename/select the columns of ``fmt`` to their standard names, drop empty rows, encode labels."""
+def standardize(ds: Dataset, fmt: str, fields: dict[str, str], cfg: DataConfig,
+                notes: list[str]) -> tuple[Dataset, list[str] | None]:
+    """Rename/select the columns of ``fmt`` to their standard names, check every row
+    (:func:`lorakit.data.check.keep_good_rows`: the first bad one is an error unless
+    ``cfg.skip_bad_rows``; what was skipped goes to ``notes``), drop empty texts, encode labels."""
     if fmt == "chat":
         ds = ds.select_columns([fields["messages"]])
         if fields["messages"] != "messages":
             ds = ds.rename_column(fields["messages"], "messages")
-        if len(ds) and clean_messages(ds[0]["messages"]) is None:
-            raise LorakitError(
-                f"data.messages_field '{fields['messages']}' must hold lists of {{role, content}} messages"
-            )
-        return ds.filter(lambda r: any(m.get("role") == "assistant" for m in clean_messages(r["messages"]) or [])), None
+        ds = ds.map(lambda r: {"messages": clean_messages(r["messages"]) or r["messages"]})  # drop Arrow's Nones
+        return keep_good_rows(ds, fmt, cfg.source, cfg.skip_bad_rows, notes), None
     if fmt == "instruction":
         if "input" not in ds.column_names:
             ds = ds.add_column("input", [""] * len(ds))
         ds = ds.select_columns(["instruction", "input", "output"])
         ds = ds.map(lambda r: {k: "" if r[k] is None else str(r[k]) for k in ("instruction", "input", "output")})
-        return ds.filter(lambda r: bool(r["instruction"].strip()) and bool(r["output"].strip())), None
+        return keep_good_rows(ds, fmt, cfg.source, cfg.skip_bad_rows, notes), None
     ds = ds.select_columns([fields["text"]] + ([fields["label"]] if fmt == "classification" else []))
     renames = {fields["text"]: "text", fields["label"]: "label"}
     ds = ds.rename_columns({k: v for k, v in renames.items() if k in ds.column_names and k != v})
     ds = ds.filter(lambda r: isinstance(r["text"], str) and bool(r["text"].strip()))
     if fmt == "text":
         return ds, None
-    return _encode_labels(ds, fields["label"])
+    ds = keep_good_rows(ds, fmt, cfg.source, cfg.skip_bad_rows, notes)
+    ds, names = _encode_labels(ds, fields["label"])
+    if len(names) < 2 or len(set(ds["label"])) < 2:
+        seen = sorted({names[i] for i in ds["label"]})
+        raise LorakitError(f"data.label_field '{fields['label']}' of data.source '{cfg.source}' has one class "
+                           f"({', '.join(map(repr, seen))}); a classifier needs at least 2")
+    return ds, names
 
 
 def _encode_labels(ds: Dataset, field: str) -> tuple[Dataset, list[str]]:
     feature = ds.features["label"]
     if isinstance(feature, ClassLabel):
         return ds, list(feature.names)
-    ds = ds.filter(lambda r: r["label"] is not None)
     values = ds["label"]
     if all(isinstance(v, str) for v in values):
         ds = ds.class_encode_column("label")  # names sorted
@@ -241,7 +255,11 @@ def _encode_labels(ds: Dataset, field: str) -> tuple[Dataset, list[str]]:
     if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         names = [str(i) for i in range(max(values) + 1)]
         return ds.cast_column("label", ClassLabel(names=names)), names
-    raise LorakitError(f"data.label_field '{field}' must hold class names (strings) or non-negative integers")
+    kind = str if isinstance(values[0], str) else int
+    row = next(i for i, v in enumerate(values) if not isinstance(v, kind) or isinstance(v, bool)
+               or (kind is int and v < 0))
+    raise LorakitError(f"data.label_field '{field}': row {row + 1} has label {values[row]!r}; labels must all be "
+                       "class names (strings) or all integers 0..n-1")
 
 
 # ---- held-out split ------------------------------------------------------------------------------
@@ -278,6 +296,7 @@ def load_raw(cfg: DataConfig, task: str, seed: int) -> RawData:
     if cfg.packing and fmt == "classification":
         raise LorakitError("data.packing needs model.task causal_lm (it does not apply to classification)")
     with quiet_datasets():
-        ds, label_names = standardize(ds, fmt, fields)
+        notes: list[str] = []
+        ds, label_names = standardize(ds, fmt, fields, cfg, notes)
         train, held = split(ds, cfg, seed, stratify=fmt == "classification")
-    return RawData(train=train, eval=held, format=fmt, label_names=label_names)
+    return RawData(train=train, eval=held, format=fmt, label_names=label_names, notes=notes)
