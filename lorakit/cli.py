@@ -98,7 +98,10 @@ def train(
 @app.command("eval")
 def eval_cmd(
     run: Path = typer.Argument(..., help="Run folder or checkpoint folder."),
-    data: Optional[str] = typer.Option(None, "--data", help="Another data source (same format) to evaluate on."),
+    data: Optional[str] = typer.Option(None, "--data", help="Another data source (same format): all of it is "
+                                       "evaluated (see --held-out)."),
+    held_out: bool = typer.Option(False, "--held-out", help="With --data: evaluate only the held-out split "
+                                  "training would make of it (data.eval_fraction, seed), not all of it."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Evaluate at this rank (methods with a variable rank)."),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="Comma-separated ranks, or 'all'."),
@@ -109,14 +112,20 @@ def eval_cmd(
         from lorakit.session import load_run
         from lorakit.train.loop import Trainer
 
+        if held_out and not data:
+            raise LorakitError("--held-out goes with --data (without --data the run's own held-out split is used)")
         overrides = {"data": {"source": data}} if data else None
-        session, path = load_run(run, console, overrides, trust_remote_code)
+        session, path = load_run(run, console, overrides, trust_remote_code,
+                                 eval_whole_data=bool(data) and not held_out)
         trainer = Trainer(session.model, session.tokenizer, session.method, session.data,
                           session.recipe, session.device, console, allow_compile=False)
         options = {k: v for k, v in (("rank", rank), ("ranks", ranks)) if v is not None}
-        metrics = trainer.evaluate(**options)  # a fixed-rank method refuses rank options
+        metrics = {"eval_examples": len(session.data.eval), **trainer.evaluate(**options)}  # a fixed-rank method refuses rank options
     except LorakitError as err:
         _fail(err)
+    what = f"all of {data}" if data and not held_out else "the held-out split of " + (data or "the run's data")
+    console.print(f"evaluated {metrics['eval_examples']} examples: {what}", markup=False, highlight=False,
+                  soft_wrap=True)
     if as_json:
         out.print_json(json.dumps({"checkpoint": str(path), **metrics}))
         return

@@ -134,11 +134,18 @@ def check_model_folder(name: str, folder: Path) -> None:
             raise LorakitError(f"{where}: {file.name} is not a valid safetensors file ({reason})") from None
 
 
+_holding = False
+
+
 @contextlib.contextmanager
-def _quiet_loading():
+def quiet_loading():
     """Load quietly until it succeeds: transformers' "Loading weights" bar only on a terminal, and its log
-    lines (a load report, a model-type warning) held back and shown only when loading succeeds, so a
-    failure is lorakit's one line."""
+    lines (a load report, a model-type warning) held back and shown only when everything inside the
+    outermost block loaded, so a failure is lorakit's one line. Nests (inner blocks hold for the outer)."""
+    global _holding
+    if _holding:
+        yield
+        return
     import logging
 
     from transformers.utils import logging as hf_logging
@@ -152,9 +159,11 @@ def _quiet_loading():
         hf_logging.disable_progress_bar()
     hf_logging.disable_default_handler()
     root.addHandler(holder)
+    _holding = True
     try:
         yield
     finally:
+        _holding = False
         root.removeHandler(holder)
         hf_logging.enable_default_handler()
         if bars:
@@ -183,7 +192,7 @@ def load_tokenizer(cfg: ModelConfig):
 
     path = resolve_model_path(cfg.name_or_path)
     try:
-        with _quiet_loading():
+        with quiet_loading():
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except Exception as err:  # noqa: BLE001 - whatever a folder or hub id makes transformers raise
         raise _load_error(cfg.name_or_path, err) from None
@@ -254,7 +263,7 @@ def load_model(cfg: ModelConfig, num_labels: int | None = None, label_names: lis
         auto_cls = AutoModelForCausalLM
     tok = load_tokenizer(cfg)  # also fails early, with the friendly message, on a bad name
     try:
-        with _quiet_loading():
+        with quiet_loading():
             model = auto_cls.from_pretrained(resolve_model_path(cfg.name_or_path), **kwargs)
     except Exception as err:  # noqa: BLE001 - whatever a folder or hub id makes transformers raise
         raise _load_error(cfg.name_or_path, err) from None

@@ -31,7 +31,7 @@ from lorakit.device import model_device
 from lorakit.errors import LorakitError
 from lorakit.methods import Method, build_method, methods_for_peft
 from lorakit.methods.peft_import import fill_from_adapter, read_adapter_config
-from lorakit.models import load_model, load_tokenizer
+from lorakit.models import load_model, load_tokenizer, quiet_loading
 from lorakit.quant import prepare_kbit_model
 from lorakit.storage import checkpoint as ckpt
 
@@ -119,21 +119,23 @@ def load_base(recipe: Recipe, label_names: list[str] | None = None, trust_remote
     a classification model's labels; ``trust_remote_code``: as in :func:`load_session`."""
     mcfg = recipe.model if trust_remote_code is None else recipe.model.model_copy(
         update={"trust_remote_code": trust_remote_code})
-    tokenizer = load_tokenizer(mcfg)
-    labels = label_names if mcfg.task == "seq_cls" else None
-    model = load_model(mcfg, num_labels=len(labels) if labels else None, label_names=label_names,
-                       precision=recipe.train.precision)
+    with quiet_loading():  # transformers' warnings only once both loaded
+        tokenizer = load_tokenizer(mcfg)
+        labels = label_names if mcfg.task == "seq_cls" else None
+        model = load_model(mcfg, num_labels=len(labels) if labels else None, label_names=label_names,
+                           precision=recipe.train.precision)
     if mcfg.quantization is not None:
         prepare_kbit_model(model)  # freeze, fp32 head (QLoRA; any method over a k-bit base)
     return model, tokenizer
 
 
 def load_session(recipe: Recipe, weights: WeightSource = None, console: Console | None = None, *,
-                 with_data: bool = True, label_names: list[str] | None = None,
+                 with_data: bool = True, eval_whole_data: bool = False, label_names: list[str] | None = None,
                  trust_remote_code: bool | None = None) -> Session:
     """Load data (unless ``with_data`` is off), tokenizer and model, attach the recipe's method and load
     ``weights`` into it; the model ends on its device (a k-bit base stays where bitsandbytes put it).
 
+    ``eval_whole_data``: every row of the data is held out (``lorakit eval --data FILE``), none trains.
     ``label_names``: a classification model's labels when no data is loaded. ``trust_remote_code``: the
     caller's decision on running a model folder's own code; None takes the recipe's
     ``model.trust_remote_code``. A :class:`PeftFolder` updates ``recipe.method`` in place before any
@@ -141,7 +143,7 @@ def load_session(recipe: Recipe, weights: WeightSource = None, console: Console 
     task = recipe.model.task
     if isinstance(weights, PeftFolder):
         apply_adapter_config(recipe, weights.path)  # fails before any model loads
-    raw = load_raw(recipe.data, task, recipe.train.seed) if with_data else None
+    raw = load_raw(recipe.data, task, recipe.train.seed, whole_for_eval=eval_whole_data) if with_data else None
     for note in raw.notes if raw is not None and console is not None else []:
         console.print(note, markup=False, highlight=False, soft_wrap=True)
     labels = raw.label_names if raw is not None else label_names

@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lorakit.cli import app
+from tests.tiny_run import tiny_world  # noqa: F401 (fixture)
 
 runner = CliRunner()
 
@@ -113,3 +114,21 @@ def test_eval_does_not_compile(tmp_path, monkeypatch):
     result = invoke("eval", tmp_path / "run", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["eval_loss"] > 0
+
+
+def test_eval_data_evaluates_all_of_the_file_and_says_how_many(tmp_path, tiny_world):
+    """``lorakit eval RUN --data FILE``: every row of FILE (the count printed), --held-out: its split."""
+    from tests.tiny_run import tiny_recipe, write_chat, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_world, tmp_path / "run", train={"max_steps": 1}))
+    assert invoke("train", recipe).exit_code == 0
+    test_file = write_chat(tmp_path / "test.jsonl", n=20)
+    result = invoke("eval", tmp_path / "run", "--data", test_file, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["eval_examples"] == 20
+    assert f"evaluated 20 examples: all of {test_file}" in result.stderr
+    held = invoke("eval", tmp_path / "run", "--data", test_file, "--held-out", "--json")
+    assert json.loads(held.stdout)["eval_examples"] == 2  # data.eval_fraction 0.1 of 20
+    assert "evaluated 2 examples: the held-out split of" in held.stderr
+    own = invoke("eval", tmp_path / "run", "--json")
+    assert json.loads(own.stdout)["eval_examples"] == 3 and "the held-out split of the run's data" in own.stderr

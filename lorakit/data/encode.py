@@ -226,7 +226,7 @@ def tokenize(raw: RawData, cfg: DataConfig, tokenizer, task: str) -> DataBundle:
     if stats["dropped"]:
         log.warning("%d examples had no answer tokens left after truncation to %d and were dropped",
                     stats["dropped"], cfg.max_seq_length)
-    if len(train) == 0 or len(held) == 0:
+    if (len(train) == 0 and len(raw.train)) or len(held) == 0:  # no train rows at all: evaluation only
         raise LorakitError(f"data: no {'training' if not len(train) else 'held-out'} examples left after "
                            f"tokenizing (answers truncated away? data.max_seq_length={cfg.max_seq_length})")
     if cfg.packing:

@@ -213,10 +213,11 @@ def clean_messages(messages) -> list[dict] | None:
 
 
 def standardize(ds: Dataset, fmt: str, fields: dict[str, str], cfg: DataConfig,
-                notes: list[str]) -> tuple[Dataset, list[str] | None]:
+                notes: list[str], for_eval: bool = False) -> tuple[Dataset, list[str] | None]:
     """Rename/select the columns of ``fmt`` to their standard names, check every row
     (:func:`lorakit.data.check.keep_good_rows`: the first bad one is an error unless
-    ``cfg.skip_bad_rows``; what was skipped goes to ``notes``), drop empty texts, encode labels."""
+    ``cfg.skip_bad_rows``; what was skipped goes to ``notes``), drop empty texts, encode labels (at least
+    two classes to train on; one is enough ``for_eval``)."""
     if fmt == "chat":
         ds = ds.select_columns([fields["messages"]])
         if fields["messages"] != "messages":
@@ -237,7 +238,7 @@ def standardize(ds: Dataset, fmt: str, fields: dict[str, str], cfg: DataConfig,
         return ds, None
     ds = keep_good_rows(ds, fmt, cfg.source, cfg.skip_bad_rows, notes)
     ds, names = _encode_labels(ds, fields["label"])
-    if len(names) < 2 or len(set(ds["label"])) < 2:
+    if not for_eval and (len(names) < 2 or len(set(ds["label"])) < 2):
         seen = sorted({names[i] for i in ds["label"]})
         raise LorakitError(f"data.label_field '{fields['label']}' of data.source '{cfg.source}' has one class "
                            f"({', '.join(map(repr, seen))}); a classifier needs at least 2")
@@ -283,8 +284,9 @@ def split(ds: Dataset, cfg: DataConfig, seed: int, stratify: bool) -> tuple[Data
     return train, held
 
 
-def load_raw(cfg: DataConfig, task: str, seed: int) -> RawData:
-    """Load ``cfg.source``, resolve the format, standardize columns and make the held-out split.
+def load_raw(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False) -> RawData:
+    """Load ``cfg.source``, resolve the format, standardize columns and make the held-out split (with
+    ``whole_for_eval``: no split, every row is held out and nothing is for training).
 
     Raises:
         LorakitError: unknown source, unreadable file, missing column, too few examples.
@@ -297,6 +299,9 @@ def load_raw(cfg: DataConfig, task: str, seed: int) -> RawData:
         raise LorakitError("data.packing needs model.task causal_lm (it does not apply to classification)")
     with quiet_datasets():
         notes: list[str] = []
-        ds, label_names = standardize(ds, fmt, fields, cfg, notes)
-        train, held = split(ds, cfg, seed, stratify=fmt == "classification")
+        ds, label_names = standardize(ds, fmt, fields, cfg, notes, for_eval=whole_for_eval)
+        if whole_for_eval:  # lorakit eval --data FILE: every row of FILE is evaluated
+            train, held = ds.select([]), ds
+        else:
+            train, held = split(ds, cfg, seed, stratify=fmt == "classification")
     return RawData(train=train, eval=held, format=fmt, label_names=label_names, notes=notes)

@@ -90,6 +90,11 @@ class Method:
         ratio_params = [p for layer in self.layers.values() for p in layer.ratio_parameters()]
         return build_param_groups(model, train, self.cfg.loraplus(), ratio_params)
 
+    def schedule_warnings(self, total_steps: int) -> list[str]:
+        """Lines to show at the start of training when this run's length defeats the method (e.g. a
+        method that would never leave its warm-up phase). Default: none."""
+        return []
+
     def before_step(self, step: int) -> None:
         pass
 

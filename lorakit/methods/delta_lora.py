@@ -145,6 +145,16 @@ class DeltaLora(Method):
         super().__init__(cfg)
         self.snapshot_step: int | None = None
 
+    def schedule_warnings(self, total_steps: int) -> list[str]:
+        """W starts to follow after the step with index K (0-based): a run of ``total_steps`` ≤ K + 1 steps
+        never updates W, and trains plain LoRA."""
+        k = self.cfg.delta_start_step
+        if k + 1 < total_steps:
+            return []
+        return [f"method.delta_start_step {k} is past the end of this run ({total_steps} steps): the base weights "
+                f"never follow the adapter, so this trains plain LoRA; set delta_start_step below {total_steps - 1} "
+                "for Delta-LoRA's update"]
+
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """After the step with 0-based index K (K + 1 steps taken), snapshot (A, B) in every layer.
 

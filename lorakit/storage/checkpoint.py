@@ -93,6 +93,8 @@ def load_adapter_weights(model: nn.Module, path: Path) -> None:
             raise LorakitError(f"{path}: tensor {key} has no place in this model (was it trained on another base or method?)")
         if own[key].shape != tensor.shape:
             raise LorakitError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(own[key].shape)}")
+        if tensor.dtype.is_floating_point != own[key].dtype.is_floating_point:
+            raise LorakitError(f"{path}: tensor {key} has dtype {tensor.dtype}, the model expects {own[key].dtype}")
     model.load_state_dict(tensors, strict=False)
     adapters = tuple(n + "." for n, m in model.named_modules() if isinstance(m, AdapterLayer))
     for name, param in model.named_parameters():
@@ -172,21 +174,30 @@ def save_checkpoint(
     return path
 
 
-def load_trainer_state(path: Path) -> dict:
-    """Optimizer / scheduler / RNG state of a training checkpoint (``weights_only=True``: no code runs).
+def load_trainer_state(path: Path, mmap: bool = False) -> dict:
+    """Optimizer / scheduler / RNG state of a training checkpoint (``weights_only=True``: no code runs;
+    ``mmap``: tensors mapped, not read, to check a checkpoint cheaply).
 
     Raises:
         LorakitError: ``trainer_state.pt`` is missing, damaged, or holds anything but tensors and plain data.
     """
     file = Path(path) / "trainer_state.pt"
     try:
-        state = torch.load(file, weights_only=True, map_location="cpu")
+        state = torch.load(file, weights_only=True, map_location="cpu", mmap=mmap)
     except Exception as err:  # noqa: BLE001 - unpickling refused, truncated zip, missing file...
         raise LorakitError(f"{file}: not a valid lorakit checkpoint file ({type(err).__name__}; "
                            "lorakit loads only tensors and plain data from it)") from None
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
         raise LorakitError(f"{file}: not a valid lorakit checkpoint file (no optimizer / scheduler / rng state)")
     return state
+
+
+def check_training_checkpoint(path: Path) -> int:
+    """Check, without loading a model, every file ``--resume`` reads from a training checkpoint (the
+    adapter's header, the trainer state, the step). Returns the step. Raises LorakitError naming the file."""
+    trust.adapter_metadata(Path(path) / ADAPTER_FILE)
+    load_trainer_state(path, mmap=True)
+    return read_trainer_step(path)
 
 
 def read_trainer_step(path: Path) -> int:

@@ -313,6 +313,8 @@ class Trainer:
         self.model.train()
         optimizer, scheduler = self.make_optimizer()
         self.console.print(f"[dim]speed: {', '.join(self.speed_summary())}[/dim]")
+        for line in self.method.schedule_warnings(self.total_steps):
+            self.console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True, highlight=False)
         if resume_from is not None:
             state = ckpt.load_trainer_state(resume_from)
             dist_.load_optimizer_state(optimizer, state["optimizer"])

@@ -12,6 +12,7 @@ from lorakit.errors import RecipeError
 from lorakit.methods import delta_lora
 from lorakit.methods.delta_lora import as_lora
 from lorakit.storage.checkpoint import adapter_state_dict, load_adapter_weights, read_checkpoint_meta
+from tests.tiny_run import tiny_world  # noqa: F401 (fixture)
 from tests.conftest import tiny_inputs
 from tests.methods import harness as H
 from tests.train.test_loop import losses, make_trainer
@@ -202,3 +203,20 @@ def test_resume_continues_identically(tmp_path):
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
         assert resumed.method.state_dict() == taken
+
+
+def test_a_start_step_past_the_end_is_said_at_the_start(tmp_path, tiny_world):
+    """delta_start_step ≥ the run's steps: W never follows, the run is plain LoRA, and lorakit says so."""
+    from lorakit.config import recipe_from_dict
+    from lorakit.methods import build_method
+    from tests.helpers_cli import invoke
+    from tests.tiny_run import tiny_recipe, write_recipe
+
+    method = build_method(recipe_from_dict({"method": {"name": "delta_lora", "lora_dropout": 0}}).method)
+    assert "past the end of this run (40 steps)" in method.schedule_warnings(40)[0]  # default K = 500
+    assert method.schedule_warnings(502) == [] and method.schedule_warnings(501) != []
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_world, tmp_path / "run", train={"max_steps": 2},
+                                                           method={"name": "delta_lora", "lora_dropout": 0}))
+    result = invoke("train", recipe)
+    assert result.exit_code == 0, result.output
+    assert "warning: method.delta_start_step 500 is past the end of this run (2 steps)" in result.stderr
