@@ -170,7 +170,7 @@ def merge(
         diff = merge_run(run, output, dtype, console, rank=rank, onto=onto, trust_remote_code=trust_remote_code)
     except LorakitError as err:
         _fail(err)
-    out.print(f"merged model written to {output}; largest |logit difference| vs the adapter model: {diff:.3g}")
+    out.print(f"merged model written to {escape(str(output))}; largest |logit difference| vs the adapter model: {diff:.3g}")
 
 
 @app.command()
@@ -191,7 +191,7 @@ def compare(
         picture = plots.plot_runs(dirs, plot_path or cmp.default_plot_path(dirs), title="lorakit compare")
     except LorakitError as err:
         _fail(err)
-    console.print(f"curves: {picture}", highlight=False, soft_wrap=True)
+    console.print(f"curves: {escape(str(picture))}", highlight=False, soft_wrap=True)
     if markdown:
         typer.echo(cmp.markdown(rows))  # plain text: no wrapping or markup
     else:
@@ -214,7 +214,7 @@ def plot(
             path = plots.plot_runs(runs, output or Path("runs.png"))
     except LorakitError as err:
         _fail(err)
-    out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    out.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -239,7 +239,7 @@ def export(
     except LorakitError as err:
         _fail(err)
     tail = "" if diff is None else f"; largest |logit difference| vs PEFT: {diff:.3g}"
-    out.print(f"PEFT adapter written to {output}{tail}")
+    out.print(f"PEFT adapter written to {escape(str(output))}{tail}")
 
 
 MAX_NEW = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per reply.")
@@ -255,7 +255,7 @@ def _load_for_generation(target: str, trust_remote_code: bool):
     from lorakit.generate import load_for_generation
 
     model, tokenizer, device, what = load_for_generation(target, trust_remote_code, console)
-    console.print(f"[dim]{what}[/dim]", soft_wrap=True)
+    console.print(f"[dim]{escape(what)}[/dim]", soft_wrap=True)
     return model, tokenizer, device
 
 

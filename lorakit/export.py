@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from lorakit.data.batches import iterate_batches
 from lorakit.device import model_device
@@ -17,6 +18,7 @@ from lorakit.errors import LorakitError
 from lorakit.evaluate import batch_logits
 from lorakit.precision import cpu_check_overrides, recipe_precision
 from lorakit.session import load_base, load_run
+from lorakit.storage import checkpoint as ckpt
 from lorakit.storage.peft import write_peft_folder
 
 
@@ -44,8 +46,7 @@ def export_run(run: Path, output: Path, console: Console, rank: int | None = Non
     non-empty ``output``, a fixed-rank method given ``--rank``, or a method without a PEFT equivalent.
     """
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise LorakitError(f"--output {output}: folder exists and is not empty")
+    ckpt.check_output_folder(output, "--output", empty=True)
     session, path = load_run(run, console, cpu_check_overrides(model_device()),  # fp32 on CPU
                              trust_remote_code=trust_remote_code)
     method = session.method
@@ -54,9 +55,9 @@ def export_run(run: Path, output: Path, console: Console, rank: int | None = Non
     if not write_peft_folder(output, session.model, method, session.recipe, base_model, session.tokenizer):
         raise LorakitError(f"method {method.name} has no faithful PEFT equivalent, so no PEFT adapter can be "
                            f"written; `lorakit merge {run} --output DIR` saves a standalone model instead")
-    console.print(f"exported {path} ({method.name}) as a PEFT adapter into {output}", soft_wrap=True)
+    console.print(f"exported {escape(str(path))} ({method.name}) as a PEFT adapter into {escape(str(output))}", soft_wrap=True)
     snippet = (output / "README.md").read_text().split(chr(10), 2)[2].strip().replace("path/to/this/folder", str(output))
-    console.print(f"[dim]{snippet}[/dim]", soft_wrap=True, highlight=False)
+    console.print(f"[dim]{escape(snippet)}[/dim]", soft_wrap=True, highlight=False)
     if not check:
         return None
     batches = list(iterate_batches(session.data.eval, session.data.collate, 4, seed=None))[:2]

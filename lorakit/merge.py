@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from lorakit.data.batches import iterate_batches
 from lorakit.device import model_device
@@ -23,6 +24,7 @@ from lorakit.models import model_dtype
 from lorakit.precision import cpu_check_overrides, recipe_precision
 from lorakit.quant import dequantize_model, is_quantized_model
 from lorakit.session import Checkpoint, load_run, load_session
+from lorakit.storage import checkpoint as ckpt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ONTO = ("dequant", "original")
@@ -103,8 +105,7 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
     if onto not in ONTO:
         raise LorakitError(f"--onto {onto!r}: expected {' or '.join(ONTO)}")
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise LorakitError(f"--output {output}: folder exists and is not empty")
+    ckpt.check_output_folder(output, "--output", empty=True)
     session, path = load_run(run, console, cpu_check_overrides(model_device()),  # fp32 on CPU
                              trust_remote_code=trust_remote_code)
     method = session.method
@@ -141,5 +142,5 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
     if untied:
         console.print("the adapted LM head no longer equals the input embeddings: saved untied "
                       "(tie_word_embeddings: false)")
-    console.print(f"merged {path} ({method.name}) onto {base} into {output}", soft_wrap=True)
+    console.print(f"merged {escape(str(path))} ({method.name}) onto {escape(base)} into {escape(str(output))}", soft_wrap=True)
     return diff

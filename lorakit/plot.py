@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from rich.markup import escape
+
 from lorakit.errors import LorakitError
 
 PNG = "curves.png"
@@ -122,7 +124,7 @@ def redraw(run_dir: Path, console) -> None:
     try:
         plot_run(run_dir)
     except Exception as err:  # noqa: BLE001 - the run's own files are written already
-        console.print(f"[yellow]warning:[/] no {PNG} for {run_dir}: {type(err).__name__}: {err}", markup=True,
+        console.print(f"[yellow]warning:[/] no {PNG} for {escape(str(run_dir))}: {type(err).__name__}: {escape(str(err))}", markup=True,
                       highlight=False, soft_wrap=True)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lorakit import trust
@@ -110,7 +111,7 @@ def _load_weights(model: torch.nn.Module, method: Method, weights: WeightSource,
     elif isinstance(weights, PeftFolder):
         count = method.load_peft(model, weights.path)
         if console is not None:
-            console.print(f"model.adapter: {count} tensors loaded from {weights.path}", soft_wrap=True)
+            console.print(f"model.adapter: {count} tensors loaded from {escape(str(weights.path))}", soft_wrap=True)
 
 
 def load_base(recipe: Recipe, label_names: list[str] | None = None, trust_remote_code: bool | None = None):
@@ -136,14 +137,16 @@ def load_session(recipe: Recipe, weights: WeightSource = None, console: Console 
     ``weights`` into it; the model ends on its device (a k-bit base stays where bitsandbytes put it).
 
     ``eval_whole_data``: every row of the data is held out (``lorakit eval --data FILE``), none trains.
-    ``label_names``: a classification model's labels when no data is loaded. ``trust_remote_code``: the
+    ``label_names``: a classification model's labels (in head order) when no data is loaded, or those the
+    data's labels must be among (a trained classifier evaluated on other data). ``trust_remote_code``: the
     caller's decision on running a model folder's own code; None takes the recipe's
     ``model.trust_remote_code``. A :class:`PeftFolder` updates ``recipe.method`` in place before any
     model loads. Raises LorakitError (or RecipeError) with one line for every bad input."""
     task = recipe.model.task
     if isinstance(weights, PeftFolder):
         apply_adapter_config(recipe, weights.path)  # fails before any model loads
-    raw = load_raw(recipe.data, task, recipe.train.seed, whole_for_eval=eval_whole_data) if with_data else None
+    raw = load_raw(recipe.data, task, recipe.train.seed, whole_for_eval=eval_whole_data,
+                   label_names=label_names) if with_data else None
     for note in raw.notes if raw is not None and console is not None else []:
         console.print(note, markup=False, highlight=False, soft_wrap=True)
     labels = raw.label_names if raw is not None else label_names
@@ -184,6 +187,7 @@ def load_run(run_or_checkpoint: str | Path, console: Console | None = None, over
     outside the run folder."""
     path = ckpt.resolve_checkpoint(run_or_checkpoint)
     recipe = run_recipe(path, overrides, trust_remote_code, console)
+    options.setdefault("label_names", ckpt.read_label_names(path))  # a classifier's labels, in its head's order
     return load_session(recipe, Checkpoint(path), console, **options), path
 
 

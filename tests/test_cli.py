@@ -132,3 +132,27 @@ def test_eval_data_evaluates_all_of_the_file_and_says_how_many(tmp_path, tiny_wo
     assert "evaluated 2 examples: the held-out split of" in held.stderr
     own = invoke("eval", tmp_path / "run", "--json")
     assert json.loads(own.stdout)["eval_examples"] == 3 and "the held-out split of the run's data" in own.stderr
+
+
+def test_eval_data_of_a_classifier_keeps_its_labels(tmp_path, tiny_world):
+    """A classifier evaluated on a file with fewer (or other) classes: labels map onto the trained head's
+    order, and a label it was not trained on is named, never silently mapped onto another class."""
+    from tests.tiny_run import tiny_recipe, write_recipe
+
+    rows = [{"text": f"Say hello number {i}.", "label": ["ant", "bee", "cat"][i % 3]} for i in range(24)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        tiny_world, tmp_path / "run", model={"task": "seq_cls"}, train={"max_steps": 1},
+        data={"source": str(tmp_path / "train.jsonl"), "format": "classification"}))
+    assert invoke("train", recipe).exit_code == 0
+    only_cats = [r for r in rows if r["label"] == "cat"]
+    (tmp_path / "cats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in only_cats))
+    result = invoke("eval", tmp_path / "run", "--data", tmp_path / "cats.jsonl", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["eval_examples"] == 8
+    full = invoke("eval", tmp_path / "run", "--data", tmp_path / "train.jsonl", "--json")
+    assert json.loads(full.stdout)["eval_examples"] == 24
+    (tmp_path / "dogs.jsonl").write_text(json.dumps({"text": "Woof.", "label": "dog"}) + "\n")
+    bad = invoke("eval", tmp_path / "run", "--data", tmp_path / "dogs.jsonl")
+    assert bad.exit_code == 1 and "row 1 has label 'dog', which this classifier was not trained on" in bad.stderr

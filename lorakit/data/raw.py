@@ -213,7 +213,8 @@ def clean_messages(messages) -> list[dict] | None:
 
 
 def standardize(ds: Dataset, fmt: str, fields: dict[str, str], cfg: DataConfig,
-                notes: list[str], for_eval: bool = False) -> tuple[Dataset, list[str] | None]:
+                notes: list[str], for_eval: bool = False,
+                known: list[str] | None = None) -> tuple[Dataset, list[str] | None]:
     """Rename/select the columns of ``fmt`` to their standard names, check every row
     (:func:`lorakit.data.check.keep_good_rows`: the first bad one is an error unless
     ``cfg.skip_bad_rows``; what was skipped goes to ``notes``), drop empty texts, encode labels (at least
@@ -237,7 +238,7 @@ def standardize(ds: Dataset, fmt: str, fields: dict[str, str], cfg: DataConfig,
     if fmt == "text":
         return ds, None
     ds = keep_good_rows(ds, fmt, cfg.source, cfg.skip_bad_rows, notes)
-    ds, names = _encode_labels(ds, fields["label"])
+    ds, names = _encode_labels(ds, fields["label"], known)
     if not for_eval and (len(names) < 2 or len(set(ds["label"])) < 2):
         seen = sorted({names[i] for i in ds["label"]})
         raise LorakitError(f"data.label_field '{fields['label']}' of data.source '{cfg.source}' has one class "
@@ -245,8 +246,20 @@ def standardize(ds: Dataset, fmt: str, fields: dict[str, str], cfg: DataConfig,
     return ds, names
 
 
-def _encode_labels(ds: Dataset, field: str) -> tuple[Dataset, list[str]]:
+def _encode_labels(ds: Dataset, field: str, known: list[str] | None = None) -> tuple[Dataset, list[str]]:
+    """Labels as a ClassLabel column: class names sorted, or integers 0..n-1; with ``known`` (a trained
+    classifier's labels in head order) every label must be one of those and keeps its index."""
     feature = ds.features["label"]
+    if known is not None:
+        values = feature.int2str(ds["label"]) if isinstance(feature, ClassLabel) else ds["label"]
+        index = {name: i for i, name in enumerate(known)}
+        for row, value in enumerate(values):
+            if str(value) not in index:
+                raise LorakitError(f"data.label_field '{field}': row {row + 1} has label {value!r}, which this "
+                                   f"classifier was not trained on (its labels: {', '.join(known)})")
+        codes = [index[str(value)] for value in values]
+        ds = ds.remove_columns("label").add_column("label", codes)
+        return ds.cast_column("label", ClassLabel(names=list(known))), list(known)
     if isinstance(feature, ClassLabel):
         return ds, list(feature.names)
     values = ds["label"]
@@ -284,9 +297,11 @@ def split(ds: Dataset, cfg: DataConfig, seed: int, stratify: bool) -> tuple[Data
     return train, held
 
 
-def load_raw(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False) -> RawData:
+def load_raw(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False,
+             label_names: list[str] | None = None) -> RawData:
     """Load ``cfg.source``, resolve the format, standardize columns and make the held-out split (with
-    ``whole_for_eval``: no split, every row is held out and nothing is for training).
+    ``whole_for_eval``: no split, every row is held out and nothing is for training). ``label_names``: a
+    trained classifier's labels, which the data's labels must be among (they keep its indices).
 
     Raises:
         LorakitError: unknown source, unreadable file, missing column, too few examples.
@@ -299,7 +314,7 @@ def load_raw(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False
         raise LorakitError("data.packing needs model.task causal_lm (it does not apply to classification)")
     with quiet_datasets():
         notes: list[str] = []
-        ds, label_names = standardize(ds, fmt, fields, cfg, notes, for_eval=whole_for_eval)
+        ds, label_names = standardize(ds, fmt, fields, cfg, notes, for_eval=whole_for_eval, known=label_names)
         if whole_for_eval:  # lorakit eval --data FILE: every row of FILE is evaluated
             train, held = ds.select([]), ds
         else:

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -119,6 +120,30 @@ def _fsync_dir(path: Path) -> None:
     _fsync(path)
 
 
+def check_output_folder(path: Path, what: str, empty: bool = False) -> None:
+    """Refuse, before anything loads, a folder lorakit is to write that is a file, is not empty (with
+    ``empty``), or cannot be created or written: a folder is created and removed at once in it, or in
+    its nearest existing parent, and in its parent (where temporary copies are written and renamed).
+
+    Raises LorakitError naming ``what`` (``output_dir``, ``--output``) and the reason."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LorakitError(f"{what} {path}: exists and is not a folder; choose another {what}")
+    if empty and path.is_dir() and any(path.iterdir()):
+        raise LorakitError(f"{what} {path}: folder exists and is not empty")
+    for start in (path, path.parent):
+        parent = start
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise LorakitError(f"{what} {path}: {parent} is a file, not a folder; choose another {what}")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".lorakit-write-check-", dir=parent))
+        except OSError as err:
+            raise LorakitError(f"{what} {path}: cannot write in {parent} ({err.strerror}); choose another "
+                               f"{what}") from None
+
+
 def write_atomic_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, fsync'd, renamed into place, parent fsync'd."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -128,6 +153,28 @@ def write_atomic_text(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync(path.parent)
+
+
+def _label_record(model: nn.Module, recipe: dict) -> dict[str, str]:
+    """A classifier's label names in head order (safetensors metadata): evaluating it on other data maps
+    that data's labels onto these, never onto a new order."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if recipe.get("model", {}).get("task") != "seq_cls" or not id2label:
+        return {}
+    return {"label_names": json.dumps([id2label[i] for i in sorted(id2label)])}
+
+
+def read_label_names(checkpoint: Path) -> list[str] | None:
+    """The label names a classification checkpoint was trained with, or None (a causal LM, or a
+    checkpoint written before they were recorded). Raises LorakitError for an unreadable adapter file."""
+    names = trust.adapter_metadata(Path(checkpoint) / ADAPTER_FILE).get("label_names")
+    try:
+        value = json.loads(names) if names is not None else None
+    except json.JSONDecodeError:
+        value = None
+    if names is not None and not (isinstance(value, list) and all(isinstance(n, str) for n in value)):
+        raise LorakitError(f"{Path(checkpoint) / ADAPTER_FILE}: not a valid lorakit checkpoint file (label_names)")
+    return value
 
 
 def save_checkpoint(
@@ -149,7 +196,7 @@ def save_checkpoint(
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    meta = {"format": "lorakit", **trust.base_record(recipe)}  # the base it was trained on (lorakit.trust)
+    meta = {"format": "lorakit", **trust.base_record(recipe), **_label_record(model, recipe)}
     save_file(adapter_state_dict(model) if tensors is None else tensors, str(tmp / ADAPTER_FILE), metadata=meta)
     (tmp / "method.json").write_text(json.dumps(method.state_dict(), indent=1))
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))

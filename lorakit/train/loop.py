@@ -234,7 +234,7 @@ class Trainer:
         try:
             write_peft_folder(folder, self.model, self.method, self.recipe)
         except Exception as err:  # the run is saved already; a failed extra copy must not lose it
-            self.console.print(f"[yellow]warning:[/] no PEFT copy in {folder}: {err}")
+            self.console.print(f"[yellow]warning:[/] no PEFT copy in {escape(str(folder))}: {escape(str(err))}")
 
     def speed_summary(self) -> list[str]:
         """What this run computes with, for one line at the start of training (docs/benchmarks.md)."""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import signal
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from lorakit import plot, track, trust
 from lorakit.config import load_recipe, recipe_to_dict
@@ -48,7 +47,7 @@ def _samples(session, console: Console, title: str, world: World) -> None:
     console.print(f"[bold]{title}[/]")
     for prompt, answer in zip(prompts, answers):
         question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
-        console.print(f"  [cyan]Q:[/] {question}\n  [green]A:[/] {answer}", highlight=False)
+        console.print(f"  [cyan]Q:[/] {escape(str(question))}\n  [green]A:[/] {escape(answer)}", highlight=False)
 
 
 # Fields a resumed run may change: they do not alter the batches, the optimizer or the schedule seen so far.
@@ -174,25 +173,6 @@ def starting_point(run_dir: Path, recipe, resume: bool, console: Console,
     return latest, step
 
 
-def check_output_dir(run_dir: Path) -> None:
-    """Refuse, before anything loads, an ``output_dir`` that is a file or cannot be created or written
-    (a folder is created in it and removed at once, or in its nearest existing parent).
-
-    Raises LorakitError naming output_dir and the reason."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LorakitError(f"output_dir {run_dir}: exists and is not a folder; choose another output_dir")
-    parent = run_dir
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise LorakitError(f"output_dir {run_dir}: {parent} is a file, not a folder; choose another output_dir")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".lorakit-write-check-", dir=parent))
-    except OSError as err:
-        raise LorakitError(f"output_dir {run_dir}: cannot write in {parent} ({err.strerror}); choose another "
-                           "output_dir") from None
-
-
 def stop_message(stop: Stopped, recipe_path: Path, overrides: list[str]) -> str:
     """One line: where training stopped, the checkpoint, and the command that resumes it."""
     command = shlex.join(["lorakit", "train", str(recipe_path), *overrides, "--resume"])
@@ -221,7 +201,7 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
         console = Console(quiet=True)
         quiet_libraries()
     recipe = load_recipe(recipe_path, overrides)
-    check_output_dir(Path(recipe.output_dir))
+    ckpt.check_output_folder(Path(recipe.output_dir), "output_dir")
     with StopSignals() as stop:
         try:
             return _train(recipe, resume, console, verbose, stop, world)
@@ -238,7 +218,7 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
         session = load_session(recipe, Checkpoint(latest) if latest is not None else recipe_weights(recipe), console)
     world, note = distributed.resolve_mode(world, recipe.train.distributed, session.method)
     if note:
-        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     console.print(parameter_table(session.model, session.method))
     console.print(batch_line(recipe, world))
     trainer = Trainer(session.model, session.tokenizer, session.method, session.data, recipe,
@@ -259,7 +239,7 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
     trainer.on_record.append(trackers.log)
     trainer.on_checkpoint.append(lambda _path: plot.redraw(run_dir, console))
     for where in trackers.describe():
-        console.print(f"tracking: {where}", soft_wrap=True, highlight=False)
+        console.print(f"tracking: {escape(where)}", soft_wrap=True, highlight=False)
     try:
         after = trainer.train(resume_from=latest, stop=stop)
     except Stopped as err:
@@ -280,5 +260,5 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
     if world.is_main:
         ckpt.write_atomic_text(run_dir / "summary.json", json.dumps(summary, indent=1))
         plot.redraw(run_dir, console)
-        console.print(f"curves: {run_dir / plot.PNG}", highlight=False, soft_wrap=True)
+        console.print(f"curves: {escape(str(run_dir / plot.PNG))}", highlight=False, soft_wrap=True)
     return after

@@ -131,3 +131,23 @@ ADAPTERS = [
 def test_bad_peft_starting_point(tmp_path, tiny_world, case, make, expect):
     recipe = _recipe(tmp_path, tiny_world, adapter=make(tmp_path))
     check_fails(["train", recipe], 1, ("model.adapter", expect), [tmp_path])
+
+
+@pytest.mark.parametrize("case", ["wrong-shapes", "ragged-csv"])
+def test_one_line_from_the_real_command_line(tmp_path, tiny_world, case):
+    """Libraries log to the process's own stderr (which an in-process runner does not see): run the real
+    command line where transformers (a load report) and datasets (a reader error) would log."""
+    from tests.helpers_cli import lorakit_process
+
+    folder = shutil.copytree(tiny_world["model"], tmp_path / "model")
+    if case == "wrong-shapes":
+        wrong_shapes(folder)
+        recipe = _recipe(tmp_path, tiny_world, name_or_path=str(folder))
+    else:
+        (tmp_path / "d.csv").write_text('text,label\n"w1 w2",a\n"w3",b,c,d\n')
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_world, tmp_path / "run",
+                                                     data={"source": str(tmp_path / "d.csv"), "format": "text"})))
+    proc = lorakit_process("train", recipe)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
