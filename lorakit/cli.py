@@ -72,7 +72,8 @@ def train(
         except LorakitError as err:
             _fail(err)
         flags = ["--resume"] * resume + ["--trust-remote-code"] * trust_remote_code
-        raise typer.Exit(launch_local(nproc_per_node, [str(recipe), *(overrides or []), *flags], console))
+        raise typer.Exit(launch_local(nproc_per_node, [str(recipe), *(overrides or []), *flags], console,
+                                        verbose=state["verbose"]))
     from lorakit import world as world_
 
     world = world_.start()

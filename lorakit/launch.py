@@ -10,19 +10,19 @@ from __future__ import annotations
 from rich.console import Console
 
 
-def torchrun_args(nproc: int, train_args: list[str]) -> list[str]:
+def torchrun_args(nproc: int, train_args: list[str], verbose: bool = False) -> list[str]:
     """torchrun's arguments for a one-node run (``--standalone``: a free local port, no rendezvous setup)."""
-    return ["--standalone", f"--nproc-per-node={nproc}", "-m", "lorakit", "train", *train_args]
+    return ["--standalone", f"--nproc-per-node={nproc}", "-m", "lorakit", *["--verbose"] * verbose, "train", *train_args]
 
 
-def launch_local(nproc: int, train_args: list[str], console: Console) -> int:
-    """Run ``lorakit train *train_args`` in ``nproc`` processes; returns the exit status (0, or 1 when
-    a rank failed)."""
+def launch_local(nproc: int, train_args: list[str], console: Console, verbose: bool = False) -> int:
+    """Run ``lorakit [--verbose] train *train_args`` in ``nproc`` processes; returns the exit status (0,
+    or the failed rank's exit code)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     try:
-        run(parse_args(torchrun_args(nproc, train_args)))
+        run(parse_args(torchrun_args(nproc, train_args, verbose)))
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         console.print(f"[bold red]error:[/] rank {rank} of {nproc} failed (exit code {failure.exitcode}); "

@@ -235,3 +235,21 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     resumed = CliRunner().invoke(app, ["train", str(recipe), "train.batch_size=4", "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert sorted(losses(run)) == [1, 2, 3, 4]
+
+
+def test_nproc_per_node_runs_torchrun_with_the_same_command():
+    from lorakit.launch import torchrun_args
+
+    assert torchrun_args(2, ["r.yaml", "train.max_steps=3", "--resume"], verbose=True) == [
+        "--standalone", "--nproc-per-node=2", "-m", "lorakit", "--verbose", "train", "r.yaml", "train.max_steps=3", "--resume"]
+
+
+def test_nproc_per_node_refuses_a_bad_recipe_before_starting_processes(tmp_path):
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {distributed: zero}\n")
+    result = CliRunner().invoke(app, ["train", str(bad), "--nproc-per-node", "2"])
+    assert result.exit_code == 2 and result.output.count("error:") == 1 and "train.distributed" in result.output
