@@ -74,13 +74,19 @@ def train(
         flags = ["--resume"] * resume + ["--trust-remote-code"] * trust_remote_code
         raise typer.Exit(launch_local(nproc_per_node, [str(recipe), *(overrides or []), *flags], console,
                                         verbose=state["verbose"]))
+    extra = ["model.trust_remote_code=true"] if trust_remote_code else []
+    try:
+        from lorakit.config import load_recipe
+
+        load_recipe(recipe, [*(overrides or []), *extra])  # a bad recipe fails before transformers / datasets load
+    except LorakitError as err:
+        _fail(err)
     from lorakit import world as world_
 
     world = world_.start()
     try:
         from lorakit.train.run import run_training
 
-        extra = ["model.trust_remote_code=true"] if trust_remote_code else []
         run_training(recipe, [*(overrides or []), *extra], resume, console, world=world, verbose=state["verbose"])
     except LorakitError as err:
         _fail(type(err)(f"{world.label()}: {err}") if world.size > 1 else err)

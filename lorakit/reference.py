@@ -120,6 +120,10 @@ def method_specific(config: type[BaseModel]) -> list[FieldDoc]:
                 field_doc(doc.name, shared).type, field_doc(doc.name, shared).default):
             continue
         docs.append(doc)
+    listed = {doc.name for doc in docs}
+    for name, rule in getattr(config, "set_aside", {}).items():
+        if name not in listed:
+            docs.append(FieldDoc(name, "set aside", "—", f"a recipe's value is set aside with a warning: {rule}"))
     return docs
 
 

@@ -1,4 +1,7 @@
 import json
+from pathlib import Path
+
+import yaml
 
 import pytest
 
@@ -58,3 +61,33 @@ def test_compare_command_draws_the_runs(tiny_world, tmp_path):
     assert result.exit_code == 0, result.output
     assert "| dora |" in result.output
     assert (tmp_path / "runs" / "compare.png").stat().st_size > 10_000
+
+
+SHIPPED = sorted(Path(__file__).resolve().parents[1].glob("recipes/*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_under_every_method(recipe):
+    from lorakit.methods import REGISTRY
+
+    for name in REGISTRY:
+        assert load_recipe(recipe, [f"method.name={name}"]).method.name == name
+
+
+def test_one_recipe_trains_under_all_nine_methods(tiny_world, tmp_path):
+    """The quickstart's method fields (r 16, lora_alpha 32, dropout 0.05, q/k/v/o) with only method.name
+    changed: every method trains a step; Delta-LoRA's dropout and VeRA's lora_alpha are set aside."""
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+    from lorakit.methods import REGISTRY
+    from tests.tiny_run import tiny_recipe, write_recipe
+
+    quick = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml").read_text())
+    paths = [write_recipe(tmp_path / f"{m}.yaml", tiny_recipe(tiny_world, tmp_path / "runs" / m,
+                                                               method={**quick["method"], "name": m}))
+             for m in REGISTRY]
+    result = CliRunner().invoke(app, ["compare", *map(str, paths), "--set", "train.max_steps=1", "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert all(f"| {m} |" in result.output for m in REGISTRY)
+    assert "method.lora_dropout = 0.05 set aside" in result.output and "method.lora_alpha = 32 set aside" in result.output

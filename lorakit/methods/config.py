@@ -2,17 +2,19 @@
 
 :class:`MethodConfig` holds what every adapter method reads (``name``, ``r``, ``lora_alpha``,
 ``lora_dropout``, ``target_modules``); each method's config class subclasses it (or
-:class:`LoraConfig`) with its own fields, so a field a method cannot honour is unknown to it and the
-recipe is refused with one line naming it. The recipe schema (:mod:`lorakit.config`) finds the class
+:class:`LoraConfig`) with its own fields. A generic field a method cannot honour (Delta-LoRA's
+``lora_dropout``, VeRA's ``lora_alpha``) is listed in its ``set_aside``: set aside with one warning line
+naming the field and the paper's rule, so one recipe runs under every method; any other unknown field
+is refused with one line naming it. The recipe schema (:mod:`lorakit.config`) finds the class
 through the registry by ``method.name``.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 PEER_ALIASES = {"lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
@@ -30,14 +32,26 @@ class MethodConfig(BaseModel):
         "module names (e.g. [q_proj, v_proj]), one regex string matched against full names, or all-linear "
         "(every linear layer but the output head)")
 
+    # Generic fields (of any method's recipe) this method cannot honour, with the paper's rule. A value
+    # other than this method's default is set aside — replaced by the default — and named in one warning
+    # line (:meth:`set_aside_notes`), so one recipe runs under every method with only ``name`` changed.
+    set_aside: ClassVar[dict[str, str]] = {}
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
     def loraplus(self) -> tuple[float, float] | None:
         """(λ = lr_B / lr_A, lr of adapters on embeddings) when LoRA+ groups apply, else None."""
         return None
 
-    @model_validator(mode="before")
+    def set_aside_notes(self) -> list[str]:
+        """One line per field set aside when this config was validated (empty for a fitting recipe)."""
+        return list(self._notes)
+
+    @model_validator(mode="wrap")
     @classmethod
-    def _peer_aliases(cls, data: Any) -> Any:
-        """Accept the names other tools use: ``lora_r``, ``alpha``, ``dropout`` (every method inherits this)."""
+    def _aliases_and_set_aside(cls, data: Any, handler) -> Any:
+        """Accept the names other tools use (``lora_r``, ``alpha``, ``dropout``), then set aside the
+        fields in :attr:`set_aside` (every method inherits this)."""
+        notes = []
         if isinstance(data, dict):
             for alias, name in PEER_ALIASES.items():
                 if alias in data and name in data:
@@ -46,7 +60,21 @@ class MethodConfig(BaseModel):
                 if alias in data:
                     data = {**data, name: data[alias]}
                     del data[alias]
-        return data
+            for name, rule in cls.set_aside.items():
+                field = cls.model_fields.get(name) or LoraConfig.model_fields[name]
+                default = field.default
+                if name in data and data[name] != default:
+                    notes.append(f"method.{name} = {data[name]!r} set aside ({rule}); using {default!r}")
+                if name in data:
+                    data = {k: v for k, v in data.items() if k != name}
+                    if name in cls.model_fields:
+                        data[name] = default
+            data, foreign = _other_methods_fields(cls, data)
+            notes += foreign
+        model = handler(data)
+        if notes:
+            model._notes = notes
+        return model
 
     @field_validator("target_modules")
     @classmethod
@@ -62,6 +90,21 @@ class MethodConfig(BaseModel):
             except re.error as err:
                 raise ValueError(f"not a valid regex ({err}); give module names as a list, e.g. [q_proj, v_proj]")
         return value
+
+
+def _other_methods_fields(cls: type[MethodConfig], data: dict) -> tuple[dict, list[str]]:
+    """Drop the fields that another registered method owns but ``cls`` does not (a DyLoRA recipe's
+    ``update`` run as LoRA), with a note each; a field no method knows stays, to be refused as unknown."""
+    from lorakit.methods.registry import REGISTRY
+
+    notes = []
+    for key in [k for k in data if k not in cls.model_fields]:
+        owners = [name for name, method in REGISTRY.items() if key in method.config_class.model_fields]
+        if owners:
+            notes.append(f"method.{key} = {data[key]!r} set aside (a field of {', '.join(owners)}; "
+                         f"{data.get('name', 'this method')} has none)")
+            data = {k: v for k, v in data.items() if k != key}
+    return data, notes
 
 
 class LoraConfig(MethodConfig):

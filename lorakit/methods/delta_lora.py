@@ -23,8 +23,8 @@ one ``addmm`` (:func:`lorakit.methods.ops.lora_into`) where the dtypes allow it.
 Init: A Kaiming-uniform (U(±1/√in)), B zeros, snapshots zeros (unused until taken); s = lora_alpha / r
 (rsLoRA: / √r); λ = ``delta_lambda`` (2), K = ``delta_start_step`` (500). No dropout on the LoRA path
 (the paper drops it from the low-rank branch so that ∂L/∂(BA) equals ∂L/∂W, which is what
-justifies updating W by the change of BA): lorakit defaults
-``lora_dropout`` to 0 and rejects any other value. Trainable parameters per layer: r·(in + out).
+justifies updating W by the change of BA): ``lora_dropout`` is 0, and a recipe's other value is
+set aside with one warning line (so one recipe runs under every method). Trainable parameters per layer: r·(in + out).
 Merge: W ← W0 + s·BA + λs·(BA − B_K A_K) (the last term only once the snapshot is taken), i.e. a rank-2r
 LoRA B' = [(1+λ)s·B, −λs·B_K], A' = [A; A_K] with scaling 1 (:func:`as_lora`).
 """
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from lorakit.methods.config import LoraConfig
@@ -48,19 +48,16 @@ from lorakit.world import full_tensor
 
 
 class DeltaLoraConfig(LoraConfig):
-    """LoRA's fields plus λ (``delta_lambda``) and K (``delta_start_step``); ``lora_dropout`` must be 0."""
+    """LoRA's fields plus λ (``delta_lambda``) and K (``delta_start_step``); ``lora_dropout`` is 0 (another value is set aside)."""
+
+    set_aside = {"lora_dropout": "Delta-LoRA uses no dropout on the LoRA path so that the gradient of BA is that "
+                                 "of W, Zi et al. 2023"}
 
     name: str = "delta_lora"
-    lora_dropout: float = 0.0
+    lora_dropout: float = Field(0.0, ge=0, le=0, description="always 0: Delta-LoRA uses no dropout on the LoRA path "
+                                "(a recipe's other value is set aside with a warning)")
     delta_lambda: float = Field(2.0, gt=0, description="λ: W moves by λ·s·Δ(BA) after each step (§3)")
     delta_start_step: int = Field(500, ge=0, description="K: steps of plain LoRA before W starts to follow (§3)")
-
-    @field_validator("lora_dropout")
-    @classmethod
-    def _no_dropout(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("Delta-LoRA uses no dropout on the LoRA path (Zi et al. 2023); set method.lora_dropout: 0")
-        return value
 
 
 class DeltaLoraLayer(LoraLayer):

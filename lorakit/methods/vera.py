@@ -7,7 +7,7 @@ One pair of frozen random matrices is shared by every adapted layer; each layer 
 Shapes: x ``(..., in)``; shared ``vera_A`` A ``(r, in_max)`` and ``vera_B`` B ``(out_max, r)``, sized to the
 largest in/out over the adapted layers and sliced per layer; ``vera_lambda_d`` λ_d ``(r,)`` initialized to
 ``d_initial`` (0.1); ``vera_lambda_b`` λ_b ``(out,)`` zeros, so the layer is a no-op at init. x̃ =
-dropout(x) with ``lora_dropout``. No α scaling: ``lora_alpha`` and ``use_rslora`` are refused. Default
+dropout(x) with ``lora_dropout``. No α scaling: a recipe's ``lora_alpha``, ``use_rslora`` or LoRA+ fields are set aside with a warning. Default
 r = 256. Trainable per layer: r + out.
 
 A and B are Kaiming-uniform with gain √2, i.e. U(±√(6/fan_in)) (fan_in = in_max for A, r for B), drawn
@@ -30,9 +30,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from lorakit.errors import LorakitError
@@ -43,35 +42,19 @@ from lorakit.methods.lora import adapter_input
 from lorakit.methods.peft_export import PREFIX, base_config, head_tensors
 from lorakit.methods.registry import register
 
-# A/B-method fields VeRA cannot honour, with the value a recipe saved before VeRA refused them carried
-A_B_FIELDS = {"use_rslora": False, "loraplus_lr_ratio": None, "loraplus_lr_embedding": 1e-6}
-
 
 class VeraConfig(MethodConfig):
+    set_aside = {
+        "lora_alpha": "VeRA has no alpha scaling: its trainable vectors scale the update, Kopiczko et al. 2023 §3",
+        "use_rslora": "VeRA has no alpha scaling, Kopiczko et al. 2023 §3",
+        "loraplus_lr_ratio": "LoRA+ acts on a trained A/B pair; VeRA's A and B are frozen",
+        "loraplus_lr_embedding": "LoRA+ acts on a trained A/B pair; VeRA's A and B are frozen",
+    }
+
     r: int = Field(256, gt=0, description="rank of the shared random projections A, B")
     projection_prng_key: int = Field(0, description="seed of the frozen shared projections")
     save_projection: bool = Field(True, description="store the projections with the adapter (else rebuilt from the seed)")
     d_initial: float = Field(0.1, description="initial value of the vector vera_lambda_d (§3.1)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_a_b_fields(cls, data: Any) -> Any:
-        """Refuse the A/B methods' fields (saved defaults pass): rsLoRA and LoRA+ act on a trained A/B pair."""
-        if not isinstance(data, dict):
-            return data
-        for name, saved in A_B_FIELDS.items():
-            if name in data and data[name] != saved:
-                why = "VeRA has no alpha scaling" if name == "use_rslora" else "VeRA trains no A/B pair"
-                raise ValueError(f"method.{name}: {why} (its trainable vectors scale the update); remove the field")
-        return {k: v for k, v in data.items() if k not in A_B_FIELDS}
-
-    @model_validator(mode="after")
-    def _no_alpha_scaling(self) -> "VeraConfig":
-        """VeRA has no α scaling (§3): a recipe that sets lora_alpha would expect an effect."""
-        if self.lora_alpha != type(self).model_fields["lora_alpha"].default:  # a saved recipe carries it
-            raise ValueError("method.lora_alpha: VeRA has no alpha scaling (its trainable vectors scale the "
-                             "update); remove the field")
-        return self
 
 
 def kaiming_uniform_gain2(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:

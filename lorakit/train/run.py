@@ -202,6 +202,8 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
         quiet_libraries()
     recipe = load_recipe(recipe_path, overrides)
     ckpt.check_output_folder(Path(recipe.output_dir), "output_dir")
+    for note in recipe.method.set_aside_notes():  # a generic field this method cannot honour
+        console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
     with StopSignals() as stop:
         try:
             return _train(recipe, resume, console, verbose, stop, world)

@@ -83,7 +83,10 @@ def test_the_registry_answers_by_name_and_by_peft_config():
 
 def test_each_method_validates_its_own_fields():
     assert recipe_from_dict({"method": {"name": "dylora", "update": "all"}}).method.update == "all"
-    with pytest.raises(RecipeError, match="unknown field `method.update`"):
-        recipe_from_dict({"method": {"name": "lora", "update": "all"}})
-    with pytest.raises(RecipeError, match="method.use_rslora: VeRA has no alpha scaling"):
-        recipe_from_dict({"method": {"name": "vera", "use_rslora": True}})
+    other = recipe_from_dict({"method": {"name": "lora", "update": "all"}}).method  # DyLoRA's field under LoRA
+    assert other.set_aside_notes() == ["method.update = 'all' set aside (a field of dylora; lora has none)"]
+    with pytest.raises(RecipeError, match="unknown field `method.updates`"):  # no method's field: refused
+        recipe_from_dict({"method": {"name": "lora", "updates": "all"}})
+    assert "VeRA has no alpha scaling" in recipe_from_dict({"method": {"name": "vera", "use_rslora": True}}).method.set_aside_notes()[0]
+    with pytest.raises(RecipeError, match="unknown field `method.rr`"):
+        recipe_from_dict({"method": {"name": "vera", "rr": 4}})

@@ -34,11 +34,14 @@ def activated(kind: str, cfg: dict = CFG):
     return model, method
 
 
-def test_config_defaults_and_dropout_rejected():
+def test_config_defaults_and_dropout_set_aside():
     cfg = recipe_from_dict({"method": {"name": "delta_lora"}}).method
     assert (cfg.delta_lambda, cfg.delta_start_step, cfg.lora_dropout) == (2.0, 500, 0.0)
-    with pytest.raises(RecipeError, match="lora_dropout.*no dropout"):
-        recipe_from_dict({"method": {"name": "delta_lora", "lora_dropout": 0.1}})
+    assert cfg.set_aside_notes() == []
+    cfg = recipe_from_dict({"method": {"name": "delta_lora", "dropout": 0.1}}).method  # a LoRA recipe's dropout
+    assert cfg.lora_dropout == 0.0
+    assert cfg.set_aside_notes() == ["method.lora_dropout = 0.1 set aside (Delta-LoRA uses no dropout on the LoRA "
+                                     "path so that the gradient of BA is that of W, Zi et al. 2023); using 0.0"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.config import TrainConfig
+from lorakit.config import TrainConfig, recipe_from_dict
 from lorakit.storage.checkpoint import adapter_state_dict
 from tests.conftest import TINY_MODELS, tiny_inputs
 from tests.methods import harness as H
@@ -60,12 +60,15 @@ def test_defaults_and_init():
     assert not any("vera_A" in n or "vera_B" in n for n in names)
 
 
-def test_lora_alpha_and_rslora_are_rejected():
-    from lorakit.errors import RecipeError
-
+def test_lora_alpha_and_rslora_are_set_aside_with_a_warning():
+    plain, _ = H.make("llama", CFG)
     for field in ({"lora_alpha": 8}, {"use_rslora": True}):
-        with pytest.raises(RecipeError, match="VeRA has no alpha scaling"):
-            H.make("llama", {**CFG, **field})
+        cfg = recipe_from_dict({"method": {**CFG, **field}}).method
+        assert (cfg.lora_alpha, getattr(cfg, "use_rslora", False)) == (16.0, False)
+        [note] = cfg.set_aside_notes()
+        assert note.startswith(f"method.{next(iter(field))} = ") and "VeRA has no alpha scaling" in note
+        model, _ = H.make("llama", {**CFG, **field})
+        torch.testing.assert_close(H.logits(model), H.logits(plain), rtol=0, atol=0)
 
 
 def test_forward_matches_independent_math_on_conv1d():
@@ -115,11 +118,9 @@ def test_load_state_dict_regenerates_from_recorded_seed(tmp_path):
     torch.testing.assert_close(H.logits(fresh), H.logits(model), rtol=0, atol=0)
 
 
-def test_loraplus_is_refused_and_saved_defaults_pass():
-    from lorakit.errors import RecipeError
-
-    with pytest.raises(RecipeError, match="loraplus_lr_ratio: VeRA trains no A/B pair"):
-        H.make("llama", {**CFG, "loraplus_lr_ratio": 16})
+def test_loraplus_is_set_aside_and_saved_defaults_pass():
+    cfg = recipe_from_dict({"method": {**CFG, "loraplus_lr_ratio": 16}}).method
+    assert cfg.loraplus() is None and "loraplus_lr_ratio = 16 set aside" in cfg.set_aside_notes()[0]
     saved = {"use_rslora": False, "loraplus_lr_ratio": None, "loraplus_lr_embedding": 1e-6}  # older recipe.yaml
     model, method = H.make("llama", {**CFG, **saved})
     groups = method.param_groups(model, TrainConfig(learning_rate=1e-3, weight_decay=0.1))
