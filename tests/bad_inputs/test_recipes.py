@@ -81,7 +81,7 @@ RECIPES = [
     ("eval-fraction-zero", edit("data", eval_fraction=0), 2, "data.eval_fraction"),
     ("seq-length-zero", edit("data", max_seq_length=0), 2, "data.max_seq_length"),
     ("name-a-number", edit("model", name_or_path=5), 2, "model.name_or_path"),
-    ("vera-rslora", edit("method", name="vera", use_rslora=True), 2, "use_rslora"),
+    ("vera-unknown-field", edit("method", name="vera", rr=4), 2, "method.rr"),  # VeRA sets use_rslora aside (issue 18)
     ("lora-drop-fraction", edit("method", name="lora_drop", sample_fraction=2), 2, "sample_fraction"),
     ("delta-lambda-words", edit("method", name="delta_lora", delta_lambda="big"), 2, "delta_lambda"),
     ("output-dir-empty", top("output_dir", ""), 2, "output_dir"),
