@@ -37,10 +37,12 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -132,7 +134,9 @@ def worker(spec: dict) -> None:
     except torch.OutOfMemoryError as err:
         result["error"] = f"OutOfMemoryError: {str(err).splitlines()[0]}"
     except Exception as err:  # the parent reports it as the row's error; torchrun stops the other ranks
-        result["error"] = f"{type(err).__name__}: {err}"
+        oom = any(k in str(err).lower() for k in ("out of memory", "alloc_failed"))  # cuBLAS / NCCL allocations
+        result["error"] = f"{'OutOfMemoryError' if oom else type(err).__name__}: {str(err)[:300]}"
+        result["traceback"] = traceback.format_exc()[-4000:]
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
     else:
@@ -144,6 +148,26 @@ def worker(spec: dict) -> None:
 
 
 # ---- the parent: one torchrun job per configuration ------------------------------------------------
+def run_job(cmd: list[str], env: dict, timeout_s: float) -> tuple[int | None, str]:
+    """(exit status or None past ``timeout_s``, the output's tail) of a torchrun job. When it runs too long
+    or this process is stopped (Ctrl-C, SIGTERM), torchrun gets SIGTERM first, which stops its workers
+    (a SIGKILL would leave them holding the GPUs)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+        return proc.returncode, out[-2000:]
+    except BaseException as err:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        if isinstance(err, subprocess.TimeoutExpired):
+            return None, "the job ran past --job-timeout"
+        raise
+
+
 def launch(args, shape: str, method: str, mode: str, nproc: int, batch: int, steps: int, warmup: int,
            compile_: object = None) -> dict:
     """Run one configuration through torchrun; returns its row (``error`` set when a rank failed)."""
@@ -155,12 +179,8 @@ def launch(args, shape: str, method: str, mode: str, nproc: int, batch: int, ste
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
         t0 = time.perf_counter()
-        try:
-            env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if args.cpu_smoke else {})}  # CPU: 1 thread per process
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.job_timeout + 60, env=env)
-            rc, tail = done.returncode, (done.stdout + done.stderr)[-2000:]
-        except subprocess.TimeoutExpired:
-            rc, tail = None, "the job ran past --job-timeout"
+        env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if args.cpu_smoke else {})}  # CPU: 1 thread per process
+        rc, tail = run_job(cmd, env, args.job_timeout + 60)
         row["wall_s"] = time.perf_counter() - t0
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
     errors = [r["error"] for r in ranks if "error" in r]
@@ -168,6 +188,9 @@ def launch(args, shape: str, method: str, mode: str, nproc: int, batch: int, ste
         row["error"] = errors[0] if errors else f"exit {rc}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"
         if not errors:
             row["output_tail"] = tail
+    failed = next((r for r in ranks if "traceback" in r), None)
+    if failed:
+        row["traceback"] = failed["traceback"]
     main = next((r for r in ranks if r["rank"] == 0), {})
     row.update({k: main[k] for k in ("tokens_per_s", "losses", "timed_steps", "note", "setup_s", "levers")
                 if k in main})
@@ -227,11 +250,13 @@ def with_ratios(rows: list[dict]) -> None:
 
 
 def table(results: dict) -> str:
-    unit = "GiB/GPU" if results["device"] != "cpu" else "GiB RSS/process"
-    lines = [f"| shape | method | setup | tokens/s | peak {unit} | scaling efficiency | memory ÷ 1 GPU |",
+    gpu = results["device"] != "cpu"
+    one, many = ("GPU", "GPUs") if gpu else ("process", "processes")  # --cpu-smoke: processes, gloo
+    unit = "GiB/GPU" if gpu else "GiB RSS/process"
+    lines = [f"| shape | method | setup | tokens/s | peak {unit} | scaling efficiency | memory ÷ 1 {one} |",
              "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        setup = "1 GPU" if r["gpus"] == 1 else f"{r['gpus']} GPUs, {LABEL[r['mode']]}"
+        setup = f"1 {one}" if r["gpus"] == 1 else f"{r['gpus']} {many}, {LABEL[r['mode']]}"
         if r["gpus"] > 1 and r.get("ran") and r["ran"] != r["mode"]:
             setup += f" (ran {LABEL.get(r['ran'], r['ran'])})"
         if "error" in r:
@@ -242,7 +267,7 @@ def table(results: dict) -> str:
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "?"
         lines.append(f"| {r['shape']} | {r['method']} | {setup} | {tps} | {r['peak_gib']:.2f} | {eff} | {mem} |")
     if results.get("loss_checks"):
-        lines += ["", "| loss check | 1 GPU batch | 2 GPUs batch/GPU | steps | max abs diff | max rel diff |",
+        lines += ["", f"| loss check | 1 {one}: batch | 2 {many}: batch each | steps | max abs diff | max rel diff |",
                   "|---|---|---|---|---|---|"]
         for c in results["loss_checks"]:
             what = f"{c['shape']} {c['method']} {LABEL[c['mode']]}"
@@ -252,7 +277,7 @@ def table(results: dict) -> str:
                 lines.append(f"| {what} | {c['batch_1gpu']} | {c['batch_per_gpu']} | {c['steps']} | "
                              f"{c['max_abs_diff']:.2e} | {c['max_rel_diff']:.2e} |")
     if results.get("max_batch"):
-        lines += ["", "| largest batch | GPUs | rows/GPU (× seq) | tokens/GPU |", "|---|---|---|---|"]
+        lines += ["", f"| largest batch | {many} | rows per {one} (× seq) | tokens per {one} |", "|---|---|---|---|"]
         for m in results["max_batch"]:
             what = f"{m['shape']} {m['method']} {LABEL[m['mode']]}"
             if "error" in m:
@@ -273,7 +298,7 @@ def loss_check(args, shape: str, method: str, mode: str, single_runs: dict) -> d
         one = launch(args, shape, method, "single", 1, args.batch, args.steps, args.warmup)
     two = launch(args, shape, method, mode, args.nproc, half, args.steps, args.warmup)
     check = {"shape": shape, "method": method, "mode": mode, "batch_1gpu": args.batch, "batch_per_gpu": half,
-             "gpus": args.nproc}
+             "gpus": args.nproc, "ran": two.get("ran"), "peak_gib_per_rank": two.get("peak_gib_per_rank")}
     if "error" in one or "error" in two:
         check["error"] = one.get("error") or two.get("error")
         return check
@@ -298,7 +323,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="steps not timed (compile, CUDA graphs)")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="train.precision (default: auto)")
     ap.add_argument("--loss-check", nargs="*", metavar="SHAPE:METHOD:MODE",
-                    help="default: the first shape's lora under each mode")
+                    help="default: the last shape's LoRA under each mode and QLoRA under FSDP2")
     ap.add_argument("--max-batch", nargs="*", metavar="SHAPE:METHOD:MODE",
                     help="default on CUDA: llama-3.2-1b:qlora:fsdp llama-3.2-1b:lora:ddp")
     ap.add_argument("--max-batch-start", type=int, default=16)
@@ -325,6 +350,7 @@ def main() -> None:
 
     import torch
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stops the running job too (run_job)
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if args.cpu_smoke:
         args.shapes = args.shapes or ["tiny-llama", "tiny-qwen"]
@@ -341,7 +367,8 @@ def main() -> None:
     if args.batch % args.nproc:
         sys.exit(f"error: --batch {args.batch} must split over {args.nproc} processes for the loss check")
     methods = args.methods or METHODS
-    checks = args.loss_check if args.loss_check is not None else [f"{args.shapes[-1]}:lora:{m}" for m in args.modes]
+    checks = args.loss_check if args.loss_check is not None else (
+        [f"{args.shapes[-1]}:lora:{m}" for m in args.modes] + [f"{args.shapes[-1]}:qlora:fsdp"] * ("fsdp" in args.modes))
     start = time.perf_counter()
     results = {"device": torch.cuda.get_device_name(0) if cuda else "cpu",
                "gpus_visible": torch.cuda.device_count() if cuda else 0, "torch": torch.__version__,

@@ -110,7 +110,9 @@ def quantize_nf4(model: nn.Module, device: torch.device) -> nn.Module:
                                   compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
                                   device="meta")
             q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4").to(device)  # quantized where the weight is
+                                         quant_type="nf4", module=q).to(device)  # quantized where the weight is
+            # module=q: the layer keeps the quant_state too (as transformers' loader does), so FSDP2, which
+            # shards the packed weight as a plain tensor, leaves bitsandbytes a way to find it
             mod.weight = None  # free the bf16 copy now (the 8B shape)
             if mod.bias is not None:
                 q.bias = nn.Parameter(mod.bias.data, requires_grad=False)
