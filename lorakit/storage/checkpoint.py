@@ -123,7 +123,8 @@ def _fsync_dir(path: Path) -> None:
 def check_output_folder(path: Path, what: str, empty: bool = False) -> None:
     """Refuse, before anything loads, a folder lorakit is to write that is a file, is not empty (with
     ``empty``), or cannot be created or written: a folder is created and removed at once in it, or in
-    its nearest existing parent, and in its parent (where temporary copies are written and renamed).
+    its nearest existing parent; with ``empty`` (a folder written whole under a temporary name beside it
+    and renamed into place) in its parent too.
 
     Raises LorakitError naming ``what`` (``output_dir``, ``--output``) and the reason."""
     path = Path(path)
@@ -131,7 +132,7 @@ def check_output_folder(path: Path, what: str, empty: bool = False) -> None:
         raise LorakitError(f"{what} {path}: exists and is not a folder; choose another {what}")
     if empty and path.is_dir() and any(path.iterdir()):
         raise LorakitError(f"{what} {path}: folder exists and is not empty")
-    for start in (path, path.parent):
+    for start in (path, path.parent) if empty else (path,):
         parent = start
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
