@@ -285,12 +285,12 @@ class Trainer:
             optimizer.found_inf = stats.nonfinite()
         else:
             stats.read()  # raises before the update; weights and checkpoints stay good
+        stats.lr = scheduler.get_last_lr()[0]  # the lr this step uses (first group), before the schedule moves on
         optimizer.step()
         self.method.after_optimizer_step(self.step, optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        stats.lr = scheduler.get_last_lr()[0]
         return stats
 
     @staticmethod

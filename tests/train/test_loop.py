@@ -110,3 +110,14 @@ def test_activation_memory_budget_reaches_the_partitioner_of_compiled_layers(tmp
     assert functorch_config.activation_memory_budget == 1.0
     eager = make_trainer(tmp_path, "c", train={"compile": False, "activation_memory_budget": 0.5})
     assert eager.levers == ["activation memory budget 0.5 ignored (layers not compiled)"]
+
+
+def test_logged_lr_is_the_lr_each_step_used(tmp_path):
+    """metrics.jsonl's lr at step k is what optimizer step k ran with (linear decay from the peak, no
+    warmup: 1, 2/3, 1/3 of it over 3 steps), not the next step's."""
+    trainer = make_trainer(tmp_path, train={"max_steps": 3, "save_every": None, "warmup_ratio": 0.0,
+                                            "lr_scheduler": "linear", "gradient_accumulation_steps": 1})
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert logged == pytest.approx({1: 1e-2, 2: 1e-2 * 2 / 3, 3: 1e-2 / 3})
