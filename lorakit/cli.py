@@ -215,8 +215,8 @@ def plot(
     try:
         from lorakit import plot as plots
 
-        if len(runs) == 1 and output is None:
-            path = plots.plot_run(runs[0])
+        if len(runs) == 1:  # one run: its own layout (loss, lr, metrics); -o only says where
+            path = plots.plot_run(runs[0], output)
         else:
             path = plots.plot_runs(runs, output or Path("runs.png"))
     except LorakitError as err:

@@ -64,6 +64,8 @@ def test_plot_command(tmp_path):
     assert runner.invoke(app, ["plot", str(a)]).exit_code == 0 and (a / "curves.png").is_file()
     result = runner.invoke(app, ["plot", str(a), str(b), "-o", str(tmp_path / "ab.png")])
     assert result.exit_code == 0 and is_png(tmp_path / "ab.png", 1000)
+    one = runner.invoke(app, ["plot", str(a), "-o", str(tmp_path / "a.png")])  # -o changes only the place
+    assert one.exit_code == 0 and (tmp_path / "a.png").read_bytes() == (a / "curves.png").read_bytes()
     missing = runner.invoke(app, ["plot", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and "no metrics.jsonl" in missing.output
 
