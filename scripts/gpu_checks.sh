@@ -5,7 +5,7 @@
 #                                     bitsandbytes; skipped without it)
 #   tests/test_cli_gpu.py             lorakit train / --resume / eval / merge end to end under the default
 #                                     compile, on variable-length data, against the same run uncompiled
-#   tests/fast/test_ops.py            DoRA's Triton kernels
+#   tests/methods/test_ops.py         DoRA's Triton kernels
 #   tests/train/test_distributed_gpu.py  torchrun --nproc_per_node 1 gives the single-process losses, and
 #                                     train.distributed: fsdp on one process runs the default compiled path
 #                                     with the same losses (3 short runs as subprocesses, ~3-5 min)

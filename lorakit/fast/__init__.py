@@ -9,7 +9,7 @@
 Numerics: the default path (``auto``) equals the plain path up to rounding. Stated tolerances: in
 fp32 the first 50 losses of a LoRA or DoRA run agree with PEFT's fp32 reference within 1e-5 relative
 (tests/fast/test_tracking.py, CI); under bf16 autocast the fused ops agree with fp64 within 1e-2
-relative (tests/fast/test_ops.py), and on the GPU the first 50 losses stay within 1e-2 relative of
+relative (tests/methods/test_ops.py), and on the GPU the first 50 losses stay within 1e-2 relative of
 PEFT's fp32-adapter path on the same bf16 base (measured 2.0e-3 through the default compiled,
 CUDA-graph path; scripts/bench_gpu.py, docs/benchmarks.md); so do they on the bf16 CPU path with a
 tiny model (``train.precision: bf16``, :mod:`lorakit.precision`; tests/fast/test_tracking.py).

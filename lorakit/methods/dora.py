@@ -27,7 +27,7 @@ the base's dtype (A cast to it) and then accumulated in fp32.
 Speed (dropout inactive, dtypes as :func:`lorakit.methods.ops.can_fuse` requires): t = W0x + b + s·BAx comes
 from one ``addmm`` onto the base output and σ ⊙ (t − b) + b from :class:`lorakit.methods.ops.DoraScale`,
 which saves t in its own dtype (no fp32 copies of full-width activations); equal to the plain
-formula up to rounding (tests/fast/test_ops.py states the tolerance).
+formula up to rounding (tests/methods/test_ops.py states the tolerance).
 
 Merge: W' = (m/n) ⊙_row (W0 + s·BA), the product in fp32 and cast once; the bias is unchanged.
 With ``loraplus_lr_ratio`` λ, m is 1-D and lands in the λ·lr group without weight decay (as in PEFT).
