@@ -17,6 +17,9 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 PEER_ALIASES = {"lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+# registered method name -> its config's fields; filled by lorakit.methods.registry.register, so that this
+# module needs no import of the registry (which imports it)
+METHOD_FIELDS: dict[str, frozenset[str]] = {}
 
 
 class MethodConfig(BaseModel):
@@ -95,11 +98,9 @@ class MethodConfig(BaseModel):
 def _other_methods_fields(cls: type[MethodConfig], data: dict) -> tuple[dict, list[str]]:
     """Drop the fields that another registered method owns but ``cls`` does not (a DyLoRA recipe's
     ``update`` run as LoRA), with a note each; a field no method knows stays, to be refused as unknown."""
-    from lorakit.methods.registry import REGISTRY
-
     notes = []
     for key in [k for k in data if k not in cls.model_fields]:
-        owners = [name for name, method in REGISTRY.items() if key in method.config_class.model_fields]
+        owners = [name for name, fields in METHOD_FIELDS.items() if key in fields]
         if owners:
             notes.append(f"method.{key} = {data[key]!r} set aside (a field of {', '.join(owners)}; "
                          f"{data.get('name', 'this method')} has none)")

@@ -6,7 +6,7 @@ import difflib
 
 from lorakit.errors import RecipeError
 from lorakit.methods.base import Method
-from lorakit.methods.config import MethodConfig
+from lorakit.methods.config import METHOD_FIELDS, MethodConfig
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -14,6 +14,7 @@ REGISTRY: dict[str, type[Method]] = {}
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator adding a method to the registry under ``cls.name``."""
     REGISTRY[cls.name] = cls
+    METHOD_FIELDS[cls.name] = frozenset(cls.config_class.model_fields)
     return cls
 
 

@@ -11,6 +11,7 @@ import pytest
 from pydantic import Field
 
 from lorakit.methods import REGISTRY, LoraConfig, Method, register
+from lorakit.methods.config import METHOD_FIELDS
 from lorakit.methods.lora import LoraLayer
 from lorakit.session import load_run
 from tests.helpers_cli import invoke
@@ -45,6 +46,7 @@ def registered():
     register(RootLora)
     yield RootLora
     REGISTRY.pop(RootLora.name)
+    METHOD_FIELDS.pop(RootLora.name)
 
 
 def _train(tmp_path, world, name: str, max_steps: int, *extra: str):
