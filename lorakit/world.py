@@ -133,8 +133,3 @@ def start(timeout_s: int = DEFAULT_TIMEOUT_S) -> World:
 def close(world: World) -> None:
     if world.active:
         dist.destroy_process_group()
-
-
-def close(world: World) -> None:
-    if world.active:
-        dist.destroy_process_group()
