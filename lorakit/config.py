@@ -314,3 +314,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def recipe_to_dict(recipe: Recipe) -> dict:
     """The resolved recipe as plain data (what a run folder records as ``recipe.yaml``)."""
     return recipe.model_dump(mode="json", serialize_as_any=True)
+
+
+def flat_fields(data: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested recipe mapping as dotted field names, ``{"train.batch_size": 4, ...}`` (as overrides
+    name them)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flat_fields(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from lorakit.config import flat_fields
 from lorakit.errors import LorakitError
 
 # tracker name → (the module it needs, the lorakit extra that installs it)
@@ -46,16 +47,6 @@ def tag_values(record: dict) -> tuple[int, dict[str, float]]:
     values = {f"{prefix}/{key}": float(value) for key, value in record.items()
               if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool)}
     return int(record["step"]), values
-
-
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @contextlib.contextmanager
@@ -129,7 +120,7 @@ class MLflow:
         self.mlflow = mlflow
         mlflow.set_experiment(names["project"])
         self.run = mlflow.start_run(run_name=names["run"])
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(recipe).items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in flat_fields(recipe).items()})
         self.where = f"mlflow experiment {names['project']}, run {names['run']} ({mlflow.get_tracking_uri()})"
 
     def log(self, step: int, values: dict[str, float]) -> None:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lorakit import plot, track, trust
-from lorakit.config import load_recipe, recipe_to_dict
+from lorakit.config import flat_fields, load_recipe, recipe_to_dict
 from lorakit.errors import Interrupted, LorakitError
 from lorakit.evaluate import generate_samples
 from lorakit.precision import recipe_precision
@@ -57,23 +57,13 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.num_epochs", "train.eval_every", 
                      "train.report_to", "train.project", "train.run_name"}  # tracking only
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resumable(saved: dict, current: dict, checkpoint: Path) -> None:
     """Refuse a resume whose recipe differs from the checkpoint's beyond ``RESUMABLE_CHANGES``
     (``output_dir`` may differ: a run folder may be moved or copied and resumed where it is now).
 
     Raises LorakitError naming the first differing field and both values.
     """
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flat_fields(saved), flat_fields(current)
     old.setdefault("train.precision", "auto")  # saved before the field existed: auto's bf16 on CUDA, fp32 on CPU
     for key in sorted(set(old) | set(new)):
         if key not in RESUMABLE_CHANGES | {"output_dir"} and old.get(key) != new.get(key):
