@@ -326,13 +326,20 @@ class Trainer:
         self.world.decorrelate_rng(self.recipe.train.seed, self.step)
         return optimizer, scheduler
 
-    def _agree_on_stop(self, stop: StopSignals) -> None:
-        """Several processes: a stop signal seen by any rank is taken by all, at the same step (one
-        all-reduce per step), so that every rank writes the same checkpoint and none waits for a peer."""
-        if self.world.size > 1:
-            votes = self.world.all_reduce_sum(torch.tensor([0 if stop.requested is None else 1]))
-            if int(votes.item()) and stop.requested is None:
-                stop.requested = signal.SIGTERM
+    def _agree_on_stop(self, stop: StopSignals) -> bool:
+        """Several processes: whether to stop after this step. A stop signal seen by any rank is taken by
+        all, at the same step (one all-reduce per step), so that every rank writes the same checkpoint and
+        none waits for a peer; a signal recorded after the vote waits for the next step's vote (a rank
+        acting on it alone would leave the others in a collective). One process: False (the loop checks
+        ``stop`` itself)."""
+        if self.world.size == 1:
+            return False
+        votes = self.world.all_reduce_sum(torch.tensor([0 if stop.requested is None else 1]))
+        if not int(votes.item()):
+            return False
+        if stop.requested is None:
+            stop.requested = signal.SIGTERM
+        return True
 
     def train(self, resume_from: Path | None = None, stop: StopSignals | None = None) -> dict:
         """Train to ``total_steps``; returns the final eval metrics. Writes metrics.jsonl, checkpoints.
@@ -361,20 +368,22 @@ class Trainer:
                         stats = self.optimizer_step(batches, optimizer, scheduler)
                         stats.started = step_start
                         kill_point(f"step:{self.step}")
-                        self._agree_on_stop(stop)
+                        agreed = self._agree_on_stop(stop)
                         if pending is not None:
                             log.record(pending)
                         pending = stats
                         at_eval = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < self.total_steps
                         at_save = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < self.total_steps
-                        boundary = at_eval or at_save or self.step == self.total_steps or stop.requested
+                        stopping = agreed or (self.world.size == 1 and stop.requested is not None)
+                        boundary = at_eval or at_save or self.step == self.total_steps or stopping
                         if not deferred or boundary:
                             log.record(pending)  # read now: before evaluating or saving, or nothing to wait for
                             pending = None
                         if boundary:
                             synchronize(self.device)  # train_seconds counts the queued GPU work of the steps
                         self.train_seconds += time.perf_counter() - step_start
-                        stop.check()
+                        if agreed or self.world.size == 1:  # several processes: only what all ranks voted for
+                            stop.check()
                     if at_eval:
                         metrics = self.evaluate()
                         self._log({"step": self.step, **metrics})

@@ -57,3 +57,38 @@ def test_handlers_are_restored():
     with StopSignals():
         assert signal.getsignal(signal.SIGINT) != before[0]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_signal_after_the_ranks_voted_waits_for_the_next_vote(tmp_path, monkeypatch):
+    """Several processes: a signal recorded on one rank after this step's vote (``_agree_on_stop``) is
+    not acted on alone at this step (the other ranks, which voted to go on, would wait for it in the next
+    step's collectives): it is taken at the next vote. Here rank 0 of a 2-process world with no peer."""
+    import torch
+    from rich.console import Console
+
+    from lorakit.config import recipe_from_dict
+    from lorakit.methods import build_method
+    from lorakit.train.loop import Trainer
+    from lorakit.world import World
+    from tests.conftest import tiny_llama
+    from tests.helpers import toy_data
+
+    recipe = recipe_from_dict({"method": {"name": "lora", "r": 2}, "output_dir": str(tmp_path / "run"),
+                               "train": {"batch_size": 2, "max_steps": 6, "save_every": None}})
+    model = tiny_llama()
+    method = build_method(recipe.method)
+    method.attach(model, "causal_lm")
+    trainer = Trainer(model, None, method, toy_data(), recipe, torch.device("cpu"), Console(quiet=True),
+                      world=World(rank=0, size=2))
+    vote = Trainer._agree_on_stop
+
+    def signal_after_vote(self, stop):
+        agreed = vote(self, stop)
+        if self.step == 2:
+            stop._handle(signal.SIGTERM, None)  # held: recorded only
+        return agreed
+
+    monkeypatch.setattr(Trainer, "_agree_on_stop", signal_after_vote)
+    with StopSignals() as stop, pytest.raises(Stopped) as stopped:
+        trainer.train(stop=stop)
+    assert stopped.value.step == 3 and stopped.value.checkpoint.name == "step-000003"
