@@ -24,24 +24,29 @@ EVAL_KEYS = ("eval_loss", "accuracy", "macro_f1")  # drawn when present; perplex
 def read_run(run_dir: Path) -> dict:
     """{"name", "method", "train": [records], "eval": [records]} of a run folder.
 
-    Raises LorakitError when the folder has no metrics.jsonl or a line is not JSON."""
+    Raises LorakitError when the folder has no metrics.jsonl or a line is not JSON or not a record (an
+    object with an integer ``step``). A summary.json that cannot be read is left out."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise LorakitError(f"{run_dir}: no metrics.jsonl (not a lorakit run folder, or nothing logged yet)")
     train, evals = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise LorakitError(f"{path}, line {number}: not JSON") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise LorakitError(f"{path}, line {number}: not a metrics record (a JSON object with an integer step)")
         (train if "loss" in record else evals).append(record)
     summary = {}
     if (run_dir / "summary.json").is_file():
         try:
-            summary = json.loads((run_dir / "summary.json").read_text())
+            summary = json.loads((run_dir / "summary.json").read_text(errors="replace"))
         except json.JSONDecodeError:
             summary = {}
+    summary = summary if isinstance(summary, dict) else {}
     if isinstance(summary.get("before"), dict):
         evals.insert(0, {"step": 0, **summary["before"]})
     return {"name": run_dir.name, "method": summary.get("method"), "train": train, "eval": evals}

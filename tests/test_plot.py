@@ -56,6 +56,18 @@ def test_bad_run_folders_are_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n{oops\n')
     with pytest.raises(LorakitError, match=r"metrics.jsonl, line 2: not JSON"):
         plot.read_run(tmp_path)
+    for bad in ("[1, 2]", "3", '{"loss": 1}', '{"step": "1", "loss": 1}'):  # valid JSON, not a record
+        (tmp_path / "metrics.jsonl").write_text(f'{{"step": 1, "loss": 1}}\n{bad}\n')
+        with pytest.raises(LorakitError, match=r"metrics.jsonl, line 2: not a metrics record"):
+            plot.read_run(tmp_path)
+
+
+def test_a_summary_that_is_not_an_object_is_left_out(tmp_path):
+    run = fake_run(tmp_path / "a")
+    (run / "summary.json").write_bytes(b"[1, 2]")
+    assert plot.read_run(run)["method"] is None and [r["step"] for r in plot.read_run(run)["eval"]] == [10, 20, 30]
+    (run / "summary.json").write_bytes(b"\xff\xfe")
+    assert plot.read_run(run)["method"] is None
 
 
 def test_plot_command(tmp_path):
