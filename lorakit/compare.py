@@ -8,19 +8,27 @@ final held-out metrics.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from lorakit import trust
 from lorakit.config import load_recipe, recipe_to_dict
 from lorakit.errors import LorakitError
 from lorakit.storage import checkpoint as ckpt
 from lorakit.train.run import run_training
 
 METRICS = ("accuracy", "macro_f1", "eval_loss", "perplexity")
+
+
+def read_summary(path: Path) -> dict:
+    """A run folder's ``summary.json``. Raises LorakitError naming it when it is not a JSON object."""
+    summary = trust.read_json(path, "summary.json")
+    if not isinstance(summary, dict):
+        raise LorakitError(f"{path}: not a valid summary.json (not a JSON object)")
+    return summary
 
 
 def compare(recipes: list[Path], overrides: list[str], console: Console) -> list[dict]:
@@ -36,7 +44,7 @@ def compare(recipes: list[Path], overrides: list[str], console: Console) -> list
     rows = []
     for path, recipe in resolved:
         summary_file = Path(recipe.output_dir) / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        summary = read_summary(summary_file) if summary_file.is_file() else {}
         if "after" in summary and summary.get("recipe") != recipe_to_dict(recipe):
             raise LorakitError(f"{path}: {recipe.output_dir} holds a finished run of another recipe; "
                                "remove it or choose another output_dir")
@@ -44,7 +52,7 @@ def compare(recipes: list[Path], overrides: list[str], console: Console) -> list
             console.rule(f"{path} ({recipe.method.name})")
             run_training(path, overrides, resume=ckpt.latest_checkpoint(Path(recipe.output_dir)) is not None,
                          console=console)
-            summary = json.loads(summary_file.read_text())
+            summary = read_summary(summary_file)
         rows.append({"recipe": str(path), "method": recipe.method.name, "output_dir": recipe.output_dir,
                      "trainable_parameters": summary["trainable_parameters"],
                      "seconds_per_step": summary.get("seconds_per_step"),

@@ -91,3 +91,13 @@ def test_one_recipe_trains_under_all_nine_methods(tiny_world, tmp_path):
     assert result.exit_code == 0, result.output
     assert all(f"| {m} |" in result.output for m in REGISTRY)
     assert "method.lora_dropout = 0.05 set aside" in result.output and "method.lora_alpha = 32 set aside" in result.output
+
+
+@pytest.mark.parametrize("text", [b"{oops", b"[1, 2]", b"\xff"])
+def test_a_damaged_summary_is_one_line(tmp_path, text):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_bytes(text)
+    path = tmp_path / "lora.yaml"
+    path.write_text(f"method: {{name: lora}}\noutput_dir: {tmp_path / 'run'}\n")
+    with pytest.raises(LorakitError, match=r"run/summary.json: not a valid summary.json"):
+        cmp.compare([path], [], Console(quiet=True))
