@@ -268,19 +268,26 @@ def recipe_from_dict(data: dict, origin: str = "recipe") -> Recipe:
         raise RecipeError(f"{origin}: {err}") from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
+def _refuse_repeated_keys(node: yaml.Node | None, visited: set[int] | None = None) -> None:
+    """Raise ``yaml.YAMLError`` for a key given twice in one mapping of a composed YAML document (YAML
+    itself keeps the last one silently). Composing builds nodes only: no tag is constructed. An alias is
+    the node it names, so each node is visited once (a recursive alias cannot loop)."""
+    visited = set() if visited is None else visited
+    if node is None or id(node) in visited:
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
         seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"`{key}` is given twice in one section (line {key_node.start_mark.line + 1})",
-                    key_node.start_mark)
-            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
-        return super().construct_mapping(node, deep=deep)
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.YAMLError(f"`{key_node.value}` is given twice in one section "
+                                         f"(line {key_node.start_mark.line + 1})")
+                seen.add(key_node.value)
+            _refuse_repeated_keys(value_node, visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_repeated_keys(item, visited)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -299,7 +306,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: not UTF-8 text (byte {path.read_bytes()[err.start]:#04x} on line {line}); "
                           "save the recipe as UTF-8") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        _refuse_repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({_yaml_reason(err)})") from None
     if data is None or data == {}:

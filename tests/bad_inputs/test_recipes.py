@@ -42,6 +42,8 @@ RECIPES = [
     ("python-tag", "model: !!python/object/apply:os.system ['true']\n", 2, "not valid YAML"),
     ("not-utf8", b"model:\n  name_or_path: caf\xe9\n", 2, "UTF-8"),
     ("duplicate-key", "train:\n  max_steps: 3\n  max_steps: 4\n", 2, "max_steps"),
+    ("duplicate-key-in-a-list", "method:\n  target_modules: [{a: 1, a: 2}]\n", 2, "`a` is given twice"),
+    ("recursive-alias", "x: &x [1, *x]\n", 2, "unknown field `x`"),
     ("unknown-section", top("modle", {"task": "causal_lm"}), 2, "unknown field `modle`"),
     ("unknown-field", edit("method", rr=4), 2, "did you mean `r`"),
     ("method-unknown", edit("method", name="lorax"), 2, "lorax"),
