@@ -56,6 +56,8 @@ def train(
     recipe: Path = typer.Argument(..., help="YAML recipe."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. train.max_steps=20."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its latest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in output_dir (only a "
+                                   "lorakit run folder; removed once the new run has started)."),
     trust_remote_code: bool = TRUST,
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="Start this many "
                                                  "processes on this machine (torchrun; one per GPU)."),
@@ -63,6 +65,11 @@ def train(
     """Fine-tune the recipe's model with its adapter method; writes checkpoints and metrics.jsonl.
 
     Under torchrun (``torchrun --nproc_per_node N -m lorakit train RECIPE``) each process trains its share."""
+    if overwrite and resume:
+        from lorakit.errors import RecipeError
+
+        _fail(RecipeError("--overwrite and --resume: give one of them (--resume continues the run in output_dir, "
+                          "--overwrite replaces it)"))
     if nproc_per_node is not None:
         from lorakit.config import load_recipe
         from lorakit.launch import launch_local
@@ -71,7 +78,7 @@ def train(
             load_recipe(recipe, overrides or [])  # a bad recipe: one line here, not one per process
         except LorakitError as err:
             _fail(err)
-        flags = ["--resume"] * resume + ["--trust-remote-code"] * trust_remote_code
+        flags = ["--resume"] * resume + ["--overwrite"] * overwrite + ["--trust-remote-code"] * trust_remote_code
         raise typer.Exit(launch_local(nproc_per_node, [str(recipe), *(overrides or []), *flags], console,
                                         verbose=state["verbose"]))
     extra = ["model.trust_remote_code=true"] if trust_remote_code else []
@@ -87,7 +94,8 @@ def train(
     try:
         from lorakit.train.run import run_training
 
-        run_training(recipe, [*(overrides or []), *extra], resume, console, world=world, verbose=state["verbose"])
+        run_training(recipe, [*(overrides or []), *extra], resume, console, world=world, verbose=state["verbose"],
+                     overwrite=overwrite)
     except LorakitError as err:
         _fail(type(err)(f"{world.label()}: {err}") if world.size > 1 else err)
     except Exception as err:

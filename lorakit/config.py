@@ -85,6 +85,24 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, gt=0, description="evaluate every this many steps; null: only before and after")
     save_every: int | None = Field(None, gt=0, description="checkpoint every this many steps; one is always written at the end")
     log_every: int = Field(1, gt=0, description="write a metrics.jsonl record every this many steps")
+    # run management (lorakit.train.keep, lorakit.storage.retention)
+    save_total_limit: int | None = Field(None, ge=1, description=
+        "keep at most this many checkpoints/step-* folders, removing the oldest; the newest and (with "
+        "load_best_at_end) the best are always kept; null: keep all")
+    metric_for_best: str = Field("eval_loss", description=
+        "held-out metric that ranks evaluations for load_best_at_end and early stopping: eval_loss or "
+        "perplexity (causal_lm); eval_loss, accuracy or macro_f1 (seq_cls); an eval_ prefix is accepted")
+    greater_is_better: bool | None = Field(None, description=
+        "whether a larger metric_for_best is better; null: true for accuracy and macro_f1, false for "
+        "eval_loss and perplexity")
+    load_best_at_end: bool = Field(False, description=
+        "an evaluation that beats the best so far also writes a checkpoint; at the end final/ is the best "
+        "checkpoint's adapter (needs eval_every)")
+    early_stopping_patience: int | None = Field(None, gt=0, description=
+        "stop after this many evaluations in a row without an improvement of metric_for_best (needs "
+        "eval_every); null: never stop early")
+    early_stopping_threshold: float = Field(0.0, ge=0, description=
+        "an evaluation improves only when it beats the best by more than this (in the metric's units)")
     num_samples: int = Field(3, ge=0, description=
         "held-out prompts answered before and after training (causal_lm); 0: none")
     # compute precision (lorakit.precision): bf16 = bf16 base + bf16 autocast, fp32 adapter weights;
@@ -129,6 +147,39 @@ class TrainConfig(Section):
         if value is None or value == "none":
             return []
         return [value] if isinstance(value, str) else value
+
+
+# held-out metrics by task, as metrics.jsonl names them (lorakit.evaluate.evaluate_model), and
+# whether larger is better
+BEST_METRICS = {"causal_lm": {"eval_loss": False, "perplexity": False},
+                "seq_cls": {"eval_loss": False, "accuracy": True, "macro_f1": True}}
+
+
+def best_metric(name: str, task: str) -> str | None:
+    """``name`` as metrics.jsonl writes it (``eval_accuracy`` → ``accuracy``), or None if ``task`` has no such metric."""
+    allowed = BEST_METRICS[task]
+    for candidate in (name, name.removeprefix("eval_"), f"eval_{name}"):
+        if candidate in allowed:
+            return candidate
+    return None
+
+
+def check_run_management(train: "TrainConfig", task: str) -> None:
+    """Cross-field rules of the run-management fields; fills ``metric_for_best`` (the metrics.jsonl name)
+    and ``greater_is_better`` (from the metric when null). Raises ValueError with one line naming the fields."""
+    name = best_metric(train.metric_for_best, task)
+    if name is None:
+        raise ValueError(f"train.metric_for_best {train.metric_for_best!r} is not a {task} metric; allowed: "
+                         f"{', '.join(BEST_METRICS[task])}")
+    if name != train.metric_for_best:
+        train.metric_for_best = name
+    if train.greater_is_better is None:
+        train.greater_is_better = BEST_METRICS[task][name]
+    for field, value in (("load_best_at_end", train.load_best_at_end),
+                         ("early_stopping_patience", train.early_stopping_patience)):
+        if value and not train.eval_every:
+            raise ValueError(f"train.{field} needs train.eval_every (evaluations to compare); set "
+                             f"train.eval_every, e.g. train.eval_every=20")
 
 
 class Recipe(Section):
@@ -176,6 +227,7 @@ class Recipe(Section):
     def _task_and_format(self) -> "Recipe":
         if self.model.task == "seq_cls" and self.data.format not in ("auto", "classification"):
             raise ValueError(f"data.format {self.data.format!r} needs model.task causal_lm")
+        check_run_management(self.train, self.model.task)
         default = get_method_class(self.method.name).default_quantization
         if default is not None and self.model.quantization is None:
             raise ValueError(f"method {self.method.name} needs a quantized base: set model.quantization to "

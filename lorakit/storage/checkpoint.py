@@ -188,11 +188,13 @@ def save_checkpoint(
     step: int | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
     world_size: int = 1,
+    best: dict | None = None,
 ) -> Path:
     """Write a checkpoint folder at ``path`` atomically (temp folder, fsync, rename).
 
     ``optimizer``: the optimizer or its whole state dict; ``tensors``: the adapter tensors when gathered
-    already (:func:`adapter_state_dict`); ``world_size``: processes of the run (``trainer.json``)."""
+    already (:func:`adapter_state_dict`); ``world_size``: processes of the run; ``best``: the best-evaluation
+    tracker's state (:class:`lorakit.train.keep.BestTracker`); both go to ``trainer.json``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -208,7 +210,8 @@ def save_checkpoint(
         optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
         state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng}
         torch.save(state, tmp / "trainer_state.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "world_size": world_size}))
+        best_state = {} if best is None else {"best": best}
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "world_size": world_size, **best_state}))
     _fsync_dir(tmp)
     kill_point(f"save:{path.name}:written")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -257,6 +260,13 @@ def read_trainer_step(path: Path) -> int:
     return step
 
 
+def read_trainer_best(path: Path) -> dict | None:
+    """The best-evaluation tracker's state a training checkpoint stored (``trainer.json``), or None
+    (written before it was recorded). Checked by :meth:`lorakit.train.keep.BestTracker.load_state_dict`."""
+    data = trust.read_json(Path(path) / "trainer.json", "lorakit checkpoint file")
+    return data.get("best") if isinstance(data, dict) else None
+
+
 def read_trainer_world_size(path: Path) -> int:
     """The number of processes that wrote a training checkpoint (``trainer.json``; 1 when not recorded).
     Raises LorakitError if invalid."""
@@ -267,7 +277,7 @@ def read_trainer_world_size(path: Path) -> int:
     return size
 
 
-STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
 
 
 def _alive(pid: int) -> bool:
@@ -283,7 +293,8 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(run_dir: Path) -> list[str]:
-    """Remove what interrupted writes of this run left: ``.NAME.tmp-PID`` (a write not finished) and
+    """Remove what interrupted writes of this run left: ``.NAME.tmp-PID`` (a write not finished),
+    ``.NAME.del-PID`` (a deletion not finished, :mod:`lorakit.storage.retention`) and
     ``.NAME.old-PID`` (a replaced version); an ``.old`` whose NAME is missing (killed between the two
     renames) is put back instead. Entries of a live process are left alone. Returns what was done."""
     done = []

@@ -136,6 +136,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
                 values[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
 
 
+def load_full_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load whole (unsharded) tensors, e.g. a checkpoint's adapter, into a model sharded by FSDP2: each
+    one is sharded as its parameter is (``set_model_state_dict`` with ``full_state_dict``; every rank
+    passes the same tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 @contextlib.contextmanager
 def gradient_sync(engine: nn.Module, model: nn.Module, world: World, sync: bool) -> Iterator[None]:
     """Reduce gradients over ranks in this backward only if ``sync`` (the step's last micro-batch):

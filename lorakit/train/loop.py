@@ -31,10 +31,10 @@ from lorakit.faults import kill_point
 from lorakit.loss import batch_loss, count_loss_items
 from lorakit.output import progress_for
 from lorakit.precision import recipe_precision
-from lorakit.storage import checkpoint as ckpt
+from lorakit.storage import checkpoint as ckpt, retention
 from lorakit.storage.peft import write_peft_folder
 from lorakit.train.interrupt import StopSignals, Stopped
-from lorakit.train import distributed as dist_
+from lorakit.train import distributed as dist_, keep
 from lorakit.train.optim import build_optimizer, build_scheduler, optimizer_name
 from lorakit.train.stats import StepStats, skips_nonfinite_on_device
 from lorakit.world import World
@@ -140,6 +140,8 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
         self.steps_per_epoch = steps_per_epoch
         self.step = 0
+        self.best = keep.BestTracker.from_recipe(cfg)  # best evaluation, early stopping (lorakit.train.keep)
+        self.ending: dict = {}  # stopped_early / best: how the run ended, for summary.json
         self.train_seconds = 0.0  # wall time inside optimizer steps (no evaluation or saving)
         self.cross_entropy = resolve_cross_entropy(cfg.cross_entropy, device)  # lorakit.fast
         if world.mode == "fsdp":  # the chunked loss reads the head's weight outside FSDP's root forward
@@ -209,8 +211,11 @@ class Trainer:
         state = dist_.full_optimizer_state(optimizer) if self.world.mode == "fsdp" else optimizer.state_dict()
         if self.world.is_main:
             ckpt.save_checkpoint(path, self.model, self.method, recipe_to_dict(self.recipe), state, scheduler,
-                                 self.step, tensors=tensors, world_size=self.world.size)
+                                 self.step, tensors=tensors, world_size=self.world.size, best=self.best.state_dict())
             ckpt.mark_latest(self.run_dir, path)
+            best = self.best.best_checkpoint(self.run_dir)  # train.save_total_limit: rank 0 alone removes
+            for gone in retention.prune(self.run_dir, self.recipe.train.save_total_limit, [best] if best else []):
+                self.console.print(f"[dim]removed {escape(str(gone))} (train.save_total_limit)[/dim]", soft_wrap=True)
         self.last_checkpoint, self.saved_step = path, self.step
         if self.world.is_main:
             for callback in self.on_checkpoint:
@@ -321,6 +326,7 @@ class Trainer:
             scheduler.load_state_dict(state["scheduler"])
             ckpt.restore_rng(state["rng"])  # rank 0's, on every rank (rank 0 keeps the one-process stream)
             self.step = ckpt.read_trainer_step(resume_from)
+            self.best.load_state_dict(ckpt.read_trainer_best(resume_from), str(resume_from / "trainer.json"))
             self.console.print(f"Resuming from {escape(str(resume_from))} at step {self.step}")
         self.last_checkpoint, self.saved_step = resume_from, self.step
         self.world.decorrelate_rng(self.recipe.train.seed, self.step)
@@ -384,13 +390,18 @@ class Trainer:
                         self.train_seconds += time.perf_counter() - step_start
                         if agreed or self.world.size == 1:  # several processes: only what all ranks voted for
                             stop.check()
+                    stop_early = False
                     if at_eval:
                         metrics = self.evaluate()
                         self._log({"step": self.step, **metrics})
                         self.console.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+                        save_best, stop_early = keep.judge(self, metrics)
+                        at_save = at_save or save_best or stop_early
                     if at_save:
                         with stop.holding():
                             self._save(optimizer, scheduler)
+                    if stop_early:
+                        break
                     if self.world.size == 1:  # several processes: only where the ranks agreed (after a step)
                         stop.check()
             return self._finish(optimizer, scheduler, stop)
@@ -398,17 +409,25 @@ class Trainer:
             if not err.forced and self.step > self.saved_step:  # between steps: the state is consistent
                 if pending is not None:
                     log.record(pending)
-                self._save(optimizer, scheduler)
+                with stop.holding():
+                    self._save(optimizer, scheduler)
             err.step, err.checkpoint = self.step, self.last_checkpoint
             raise
 
     def _finish(self, optimizer, scheduler, stop: StopSignals) -> dict:
-        """The last checkpoint, the final evaluation, ``final/`` (and its PEFT copy)."""
+        """The final evaluation (it counts for the best / early-stopping state the checkpoint stores), the
+        last checkpoint, the best checkpoint's adapter with ``load_best_at_end``, ``final/`` (and its PEFT copy)."""
+        if self.best.last_step == self.step and self.best.last_metrics:  # evaluated at this step (stopped early)
+            metrics = self.best.last_metrics
+        else:
+            metrics = self.evaluate()
+            self._log({"step": self.step, **metrics})
+            if self.best.last_step != self.step:  # not counted yet (a resumed finished run has counted it)
+                self.best.update(self.step, metrics)
         with stop.holding():
             last = self._save(optimizer, scheduler) if self.step > self.saved_step or self.last_checkpoint is None \
                 else self.last_checkpoint
-        metrics = self.evaluate()
-        self._log({"step": self.step, **metrics})
+        metrics = keep.load_best(self, metrics)  # train.load_best_at_end
         with stop.holding():
             self._save_final()
         self.console.print(f"Saved {escape(str(last))} and {escape(str(self.run_dir / 'final'))}")

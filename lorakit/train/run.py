@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import signal
 from pathlib import Path
 
@@ -16,9 +17,9 @@ from lorakit.errors import Interrupted, LorakitError
 from lorakit.evaluate import generate_samples
 from lorakit.precision import recipe_precision
 from lorakit.session import Checkpoint, load_session, parameter_table, recipe_weights
-from lorakit.storage import checkpoint as ckpt
+from lorakit.storage import checkpoint as ckpt, retention
 from lorakit.train.interrupt import StopSignals, Stopped
-from lorakit.train import distributed
+from lorakit.train import distributed, keep
 from lorakit.train.loop import Trainer
 from lorakit.world import World
 
@@ -54,7 +55,12 @@ def _samples(session, console: Console, title: str, world: World) -> None:
 RESUMABLE_CHANGES = {"train.max_steps", "train.num_epochs", "train.eval_every", "train.save_every",
                      "train.log_every", "train.num_samples", "train.eval_batch_size", "train.distributed",
                      "train.cross_entropy", "train.kernels", "train.compile",  # these three: speed only
-                     "train.report_to", "train.project", "train.run_name"}  # tracking only
+                     "train.report_to", "train.project", "train.run_name",  # tracking only
+                     "train.save_total_limit", "train.load_best_at_end",  # run management (lorakit.train.keep)
+                     "train.early_stopping_patience", "train.early_stopping_threshold"}
+# Fields added after checkpoints were first written, and what an old checkpoint ran with
+# (None: whatever the resumed recipe says; the checkpoint stored no state for it)
+ADDED_FIELDS = {"train.precision": "auto", "train.metric_for_best": None, "train.greater_is_better": None}
 
 
 def check_resumable(saved: dict, current: dict, checkpoint: Path) -> None:
@@ -64,7 +70,8 @@ def check_resumable(saved: dict, current: dict, checkpoint: Path) -> None:
     Raises LorakitError naming the first differing field and both values.
     """
     old, new = flat_fields(saved), flat_fields(current)
-    old.setdefault("train.precision", "auto")  # saved before the field existed: auto's bf16 on CUDA, fp32 on CPU
+    for key, value in ADDED_FIELDS.items():  # saved before the field existed (precision auto: bf16 on CUDA, fp32 on CPU)
+        old.setdefault(key, new.get(key) if value is None else value)
     for key in sorted(set(old) | set(new)):
         if key not in RESUMABLE_CHANGES | {"output_dir"} and old.get(key) != new.get(key):
             hint = f" (pass {trust.TRUST_FLAG} if you trust that code)" if key == "model.trust_remote_code" else ""
@@ -173,7 +180,7 @@ def stop_message(stop: Stopped, recipe_path: Path, overrides: list[str]) -> str:
 
 
 def run_training(recipe_path: Path, overrides: list[str], resume: bool, console: Console,
-                 verbose: bool = False, world: World | None = None) -> dict:
+                 verbose: bool = False, world: World | None = None, overwrite: bool = False) -> dict:
     """Validate the recipe, train, and write the run folder. Returns the final metrics.
 
     ``world``: this process's place in a distributed run (:func:`lorakit.world.start`); default one
@@ -181,9 +188,13 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
 
     SIGINT / SIGTERM stop the run between two steps with a checkpoint (:mod:`lorakit.train.interrupt`).
 
+    ``overwrite``: a run already in ``output_dir`` is replaced (checked to be a run folder before the model
+    loads; moved aside just before the new run writes, and removed once it has written its first file).
+
     Raises:
         RecipeError: the recipe is invalid (before any model loads).
-        LorakitError: see :func:`starting_point`.
+        LorakitError: see :func:`starting_point`; with ``overwrite``, ``output_dir`` is not a run folder
+            (:func:`lorakit.storage.retention.check_overwritable`).
         Interrupted: a stop signal arrived; the message names the checkpoint and the resume command.
     """
     world = world or World()
@@ -196,15 +207,21 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
         console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
     with StopSignals() as stop:
         try:
-            return _train(recipe, resume, console, verbose, stop, world)
+            return _train(recipe, resume, console, verbose, stop, world, overwrite)
         except Stopped as err:
             raise Interrupted(stop_message(err, recipe_path, overrides), err.exit_code) from None
 
 
-def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSignals, world: World) -> dict:
+def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSignals, world: World,
+           overwrite: bool = False) -> dict:
     run_dir = Path(recipe.output_dir)
-    with world.main_first():  # rank 0 cleans the run folder before the others read it
-        latest, start_step = starting_point(run_dir, recipe, resume, console, world)
+    if overwrite:  # the old run stays in place until the new one is about to write
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            retention.check_overwritable(run_dir)
+        latest, start_step = None, 0
+    else:
+        with world.main_first():  # rank 0 cleans the run folder before the others read it
+            latest, start_step = starting_point(run_dir, recipe, resume, console, world)
     track.check_installed(recipe.train.report_to)  # a missing tracker fails before the model loads
     with world.main_first():  # rank 0 fills the shared caches (built-in models and data) first
         session = load_session(recipe, Checkpoint(latest) if latest is not None else recipe_weights(recipe), console)
@@ -215,7 +232,12 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
     console.print(batch_line(recipe, world))
     trainer = Trainer(session.model, session.tokenizer, session.method, session.data, recipe,
                       session.device, console, world=world)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with world.main_first():
+        aside = retention.move_aside(run_dir) if overwrite and world.is_main else None
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if aside is not None:
+        console.print(f"--overwrite: the old run in {run_dir} was moved to {aside}; it is removed once this run "
+                      "has started", markup=False, highlight=False, soft_wrap=True)
     before = None
     if latest is not None and (run_dir / "summary.json").is_file():
         before = trust.read_json(run_dir / "summary.json", "summary.json")
@@ -225,6 +247,8 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
         if world.is_main:
             ckpt.write_atomic_text(run_dir / "summary.json", json.dumps({"before": before}, indent=1))
         console.print(f"before training: {_summary_line(before)}")
+    if aside is not None:  # the new run has written its first file
+        shutil.rmtree(aside)
         _samples(session, console, "samples before training", world)
     report_to = recipe.train.report_to if world.is_main else []  # rank 0 alone reports
     trackers = track.Trackers(report_to, run_dir, recipe_to_dict(recipe), start_step, verbose)
@@ -248,7 +272,7 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
                "train_seconds": seconds,
                "seconds_per_step": seconds / steps_run if steps_run else None,
                "trainable_parameters": sum(p.numel() for p in session.model.parameters() if p.requires_grad),
-               "world_size": world.size}
+               "world_size": world.size, **keep.summary_record(trainer)}
     if world.is_main:
         ckpt.write_atomic_text(run_dir / "summary.json", json.dumps(summary, indent=1))
         plot.redraw(run_dir, console)

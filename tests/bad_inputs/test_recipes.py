@@ -87,6 +87,17 @@ RECIPES = [
     ("lora-drop-fraction", edit("method", name="lora_drop", sample_fraction=2), 2, "sample_fraction"),
     ("delta-lambda-words", edit("method", name="delta_lora", delta_lambda="big"), 2, "delta_lambda"),
     ("output-dir-empty", top("output_dir", ""), 2, "output_dir"),
+    ("save-total-limit-zero", edit("train", save_total_limit=0), 2, "train.save_total_limit"),
+    ("metric-for-best-unknown", edit("train", metric_for_best="bleu"), 2,
+     ("train.metric_for_best", "'bleu'", "eval_loss, perplexity")),
+    ("metric-for-best-of-classification", edit("train", metric_for_best="accuracy"), 2,
+     ("train.metric_for_best", "not a causal_lm metric")),
+    ("load-best-without-eval", edit("train", load_best_at_end=True), 2, ("train.load_best_at_end", "train.eval_every")),
+    ("patience-without-eval", edit("train", early_stopping_patience=3), 2,
+     ("train.early_stopping_patience", "train.eval_every")),
+    ("patience-zero", edit("train", early_stopping_patience=0, eval_every=2), 2, "train.early_stopping_patience"),
+    ("threshold-negative", edit("train", early_stopping_threshold=-0.1), 2, "train.early_stopping_threshold"),
+    ("greater-is-better-words", edit("train", greater_is_better="sometimes"), 2, "train.greater_is_better"),
 ]
 
 
@@ -147,3 +158,17 @@ def test_output_dir_under_a_file(tmp_path, tiny_world, no_loading):
 def test_recipe_path_missing_or_a_folder(tmp_path, no_loading):
     check_fails(["train", tmp_path / "nope.yaml"], 2, "not found", [tmp_path])
     check_fails(["train", tmp_path], 2, "not found", [tmp_path])
+
+
+def test_overwrite_with_resume(tmp_path, tiny_world, no_loading):
+    path = _write(tmp_path, tiny_world, lambda r: r)
+    check_fails(["train", path, "--overwrite", "--resume"], 2, ("--overwrite and --resume", "one of them"), [tmp_path])
+
+
+def test_overwrite_of_a_folder_that_is_no_run(tmp_path, tiny_world, no_loading):
+    path = _write(tmp_path, tiny_world, lambda r: r)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    (tmp_path / "mine" / "metrics.jsonl").write_text("{}\n")
+    check_fails(["train", path, f"output_dir={tmp_path / 'mine'}", "--overwrite"], 1,
+                ("--overwrite", "does not look like a lorakit run folder", "notes.txt"), [tmp_path])

@@ -69,3 +69,22 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, tiny_w
     assert steps == [1, 2, 2] and not (run / "checkpoints" / ".step-000002.tmp-999999999").exists()
     again = invoke("train", recipe)  # now it holds a run with checkpoints: refused, nothing touched
     assert again.exit_code == 1 and "already holds a run" in again.stderr
+
+
+def test_overwrite_replaces_a_run(tmp_path, tiny_world):
+    from tests.helpers_cli import invoke
+    from tests.tiny_run import tiny_recipe, write_recipe
+
+    run = tmp_path / "run"
+    first = write_recipe(tmp_path / "a.yaml", tiny_recipe(tiny_world, run, train={"max_steps": 2}))
+    assert invoke("train", first).exit_code == 0
+    (run / "checkpoints" / ".step-000009.tmp-1").mkdir()  # leftovers of an interrupted write are run files too
+    second = write_recipe(tmp_path / "b.yaml", tiny_recipe(tiny_world, run, train={"max_steps": 3}))
+    result = invoke("train", second, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "--overwrite: the old run in" in result.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000003"]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the old run is gone
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3]

@@ -1,0 +1,117 @@
+"""Which checkpoint folders a run keeps (``train.save_total_limit``), and moving a whole run folder aside
+(``lorakit train --overwrite``).
+
+Only folders lorakit itself names are ever removed: ``step-NNNNNN`` (six or more digits), real folders
+(not links) directly inside the run's ``checkpoints/``. A folder is first renamed to
+``.step-NNNNNN.del-PID`` (one atomic rename) and only then deleted, so a crash midway never leaves a
+half-deleted folder under a name that looks whole; what such a crash leaves is removed at the next start
+(:func:`lorakit.storage.checkpoint.clean_stale`). The newest checkpoint (and the one ``checkpoints/latest``
+names) is never removed, so ``--resume`` always finds the latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
+
+
+def step_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every ``checkpoints/step-NNNNNN`` folder of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        match = STEP_FOLDER.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink():
+            found.append((int(match[1]), entry))
+    return sorted(found)
+
+
+def to_remove(run_dir: Path, limit: int, protect: list[Path]) -> list[Path]:
+    """The checkpoint folders beyond ``limit``, oldest first: the newest folder, the one ``latest``
+    names and those in ``protect`` (the best) are kept first, then the newest others until ``limit``
+    are kept (so more than ``limit`` remain only when the protected ones alone exceed it)."""
+    folders = [path for _, path in step_folders(run_dir)]
+    if not folders:
+        return []
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    named = pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    names = {p.name for p in folders}
+    keep = names & ({folders[-1].name, named, *(p.name for p in protect)})
+    for path in reversed(folders):
+        if len(keep) >= limit:
+            break
+        keep.add(path.name)
+    return [path for path in folders if path.name not in keep]
+
+
+def remove_folder(path: Path) -> None:
+    """Rename ``path`` to ``.NAME.del-PID`` beside it, then delete it (see the module docstring)."""
+    doomed = path.with_name(f".{path.name}.del-{os.getpid()}")
+    os.replace(path, doomed)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    shutil.rmtree(doomed)
+
+
+def prune(run_dir: Path, limit: int | None, protect: list[Path] = ()) -> list[Path]:
+    """Remove the checkpoint folders beyond ``limit`` (None: none); returns the removed ones."""
+    if limit is None:
+        return []
+    removed = to_remove(run_dir, limit, list(protect))
+    for path in removed:
+        remove_folder(path)
+    return removed
+
+
+# ---- --overwrite ------------------------------------------------------------------------------------
+RUN_ENTRIES = {"checkpoints", "final", "metrics.jsonl", "summary.json", "curves.png", "tensorboard", "wandb"}
+RUN_MARKS = {"checkpoints", "final", "metrics.jsonl", "summary.json"}
+STALE_ENTRY = re.compile(r"^\..+\.(tmp|old|del)-\d+$")
+
+
+def check_overwritable(run_dir: Path) -> None:
+    """Refuse to replace a folder that is not a lorakit run folder: it must hold only what a run writes
+    (``checkpoints/``, ``final/``, ``metrics.jsonl``, ``summary.json``, ``curves.png``, tracker folders,
+    leftovers of interrupted writes) and at least one of ``checkpoints/``, ``final/``, ``metrics.jsonl``,
+    ``summary.json``; it must not be a link, nor this process's working folder or one above it.
+
+    Raises LorakitError naming the folder and what makes it not a run folder."""
+    run_dir = Path(run_dir)
+    if run_dir.is_symlink():
+        raise LorakitError(f"--overwrite: output_dir {run_dir} is a link; remove or replace it yourself")
+    resolved, cwd = run_dir.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise LorakitError(f"--overwrite: output_dir {run_dir} is the working folder or holds it; "
+                           "choose another output_dir")
+    names = {entry.name for entry in run_dir.iterdir()}
+    foreign = sorted(n for n in names if n not in RUN_ENTRIES and not STALE_ENTRY.match(n))
+    if foreign or not names & RUN_MARKS:
+        what = f"it holds {foreign[0]!r}" if foreign else "it has no checkpoints/, final/, metrics.jsonl or summary.json"
+        raise LorakitError(f"--overwrite: output_dir {run_dir} does not look like a lorakit run folder ({what}); "
+                           "nothing was changed: remove it yourself or choose another output_dir")
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Rename a run folder to ``.NAME.overwritten-PID`` beside it (one atomic rename; checked with
+    :func:`check_overwritable` first). Returns the new path; None when ``run_dir`` does not exist or is
+    empty (an empty folder is simply reused)."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists() and not run_dir.is_symlink():
+        return None
+    if run_dir.is_dir() and not run_dir.is_symlink() and not any(run_dir.iterdir()):
+        return None
+    check_overwritable(run_dir)
+    aside = run_dir.with_name(f".{run_dir.name}.overwritten-{os.getpid()}")
+    os.replace(run_dir, aside)
+    return aside

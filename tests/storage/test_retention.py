@@ -1,0 +1,113 @@
+"""train.save_total_limit's folder side and --overwrite's checks (lorakit/storage/retention.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lorakit.errors import LorakitError
+from lorakit.storage import retention
+from lorakit.storage.checkpoint import clean_stale, latest_checkpoint, mark_latest
+
+
+def make_run(tmp_path, steps, latest=None):
+    run = tmp_path / "run"
+    for step in steps:
+        folder = run / "checkpoints" / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "adapter.safetensors").write_bytes(b"x")
+    if steps:
+        mark_latest(run, run / "checkpoints" / f"step-{(latest or max(steps)):06d}")
+    return run
+
+
+def names(run):
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def test_the_oldest_go_first_and_the_newest_stays(tmp_path):
+    run = make_run(tmp_path, [2, 4, 6, 8, 10])
+    removed = retention.prune(run, 2)
+    assert [p.name for p in removed] == ["step-000002", "step-000004", "step-000006"]
+    assert names(run) == ["latest", "step-000008", "step-000010"]
+    assert retention.prune(run, None) == [] and retention.prune(run, 5) == []
+
+
+def test_the_best_is_kept_within_the_limit_and_beside_the_newest_at_limit_1(tmp_path):
+    run = make_run(tmp_path, [2, 4, 6, 8, 10])
+    best = run / "checkpoints" / "step-000004"
+    retention.prune(run, 3, [best])
+    assert names(run) == ["latest", "step-000004", "step-000008", "step-000010"]
+    retention.prune(run, 1, [best])
+    assert names(run) == ["latest", "step-000004", "step-000010"]
+
+
+def test_the_folder_latest_names_is_kept_and_steps_sort_by_number(tmp_path):
+    run = make_run(tmp_path, [8, 10, 1000000], latest=8)  # seven digits sort after six
+    retention.prune(run, 1)
+    assert names(run) == ["latest", "step-000008", "step-1000000"]
+
+
+def test_only_folders_lorakit_names_are_touched(tmp_path):
+    run = make_run(tmp_path, [2, 4])
+    checkpoints = run / "checkpoints"
+    (checkpoints / "step-2").mkdir()  # not six digits
+    (checkpoints / "step-000001-mine").mkdir()
+    (checkpoints / "step-000000").write_text("a file")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", checkpoints / "step-000003")
+    retention.prune(run, 1)
+    assert names(run) == ["latest", "step-000000", "step-000001-mine", "step-000003", "step-000004", "step-2"]
+    assert (tmp_path / "elsewhere").is_dir()
+
+
+def test_a_deletion_cut_short_looks_unfinished_and_is_cleaned(tmp_path, monkeypatch):
+    run = make_run(tmp_path, [2, 4])
+
+    def crash(path, *args, **kwargs):
+        raise KeyboardInterrupt  # killed after the rename, inside rmtree
+
+    monkeypatch.setattr(retention.shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        retention.prune(run, 1)
+    monkeypatch.undo()
+    leftover = f".step-000002.del-{os.getpid()}"
+    assert names(run) == [leftover, "latest", "step-000004"]
+    assert latest_checkpoint(run).name == "step-000004"
+    assert clean_stale(run) == [f"removed {run / 'checkpoints' / leftover}"]
+    assert names(run) == ["latest", "step-000004"]
+
+
+# ---- --overwrite --------------------------------------------------------------------------------------
+def test_a_run_folder_is_moved_aside_and_an_empty_one_reused(tmp_path):
+    run = make_run(tmp_path, [2])
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "checkpoints" / ".step-000004.tmp-123").mkdir()
+    aside = retention.move_aside(run)
+    assert not run.exists() and aside.name == f".run.overwritten-{os.getpid()}" and (aside / "metrics.jsonl").is_file()
+    (tmp_path / "empty").mkdir()
+    assert retention.move_aside(tmp_path / "empty") is None and (tmp_path / "empty").is_dir()
+    assert retention.move_aside(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("case", ["foreign-file", "no-run-files", "a-link", "working-folder"])
+def test_a_folder_that_is_no_run_is_refused(tmp_path, monkeypatch, case):
+    run = make_run(tmp_path, [2])
+    if case == "foreign-file":
+        (run / "thesis.tex").write_text("years of work")
+        expect = "holds 'thesis.tex'"
+    elif case == "no-run-files":
+        run = tmp_path / "home"
+        (run / ".bashrc").parent.mkdir()
+        (run / "curves.png").write_text("")
+        expect = "has no checkpoints/"
+    elif case == "a-link":
+        os.symlink(run, tmp_path / "link")
+        run, expect = tmp_path / "link", "is a link"
+    else:
+        monkeypatch.chdir(run / "checkpoints")
+        expect = "working folder"
+    with pytest.raises(LorakitError, match=expect):
+        retention.move_aside(run)
+    assert run.exists()
