@@ -6,7 +6,8 @@ SIGINT / SIGTERM (a Ctrl-C / a ``kill``, handled by :mod:`lorakit.train.interrup
 do nothing. The points: ``step:N`` after optimizer step N; for each checkpoint folder NAME
 (``step-000002``, ``final``): ``save:NAME:written`` (files written, not yet in place),
 ``save:NAME:swapped`` (an earlier NAME moved aside, the new one not yet in place) and
-``save:NAME:renamed`` (in place, ``latest`` not yet updated).
+``save:NAME:renamed`` (in place, ``latest`` not yet updated); ``delete:NAME:renamed`` (a checkpoint
+beyond ``train.save_total_limit`` renamed for deletion, not yet deleted).
 """
 
 from __future__ import annotations

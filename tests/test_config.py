@@ -62,3 +62,16 @@ def test_peer_aliases_and_no_clipping():
 
     assert recipe_to_dict(r)["method"]["r"] == 4  # saved under the standard name, reloads the same
     assert recipe_from_dict(recipe_to_dict(r)).method.r == 4
+
+
+def test_metric_for_best_is_named_as_metrics_jsonl_writes_it_and_sets_the_direction():
+    from lorakit.config import recipe_from_dict
+
+    cls = {"model": {"task": "seq_cls"}, "data": {"format": "classification"}}
+    train = recipe_from_dict({**cls, "train": {"metric_for_best": "eval_accuracy"}}).train
+    assert (train.metric_for_best, train.greater_is_better) == ("accuracy", True)
+    train = recipe_from_dict({**cls, "train": {"metric_for_best": "macro_f1", "greater_is_better": False}}).train
+    assert (train.metric_for_best, train.greater_is_better) == ("macro_f1", False)  # said explicitly: kept
+    train = recipe_from_dict({"train": {"metric_for_best": "eval_perplexity"}}).train
+    assert (train.metric_for_best, train.greater_is_better) == ("perplexity", False)
+    assert recipe_from_dict({}).train.greater_is_better is False

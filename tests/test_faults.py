@@ -36,3 +36,22 @@ def test_kill_9_anywhere_then_the_same_command_finishes_the_same_run(tmp_path, t
     assert not list(run.rglob(".*.tmp-*")) and not list(run.rglob(".*.old-*"))
     final = load_file(run / "final" / "adapter.safetensors")
     assert max_difference(final, reference_adapter) <= 1e-6
+
+
+def test_a_deletion_is_held_against_ctrl_c_and_a_kill_inside_it_is_cleaned_up(tmp_path, tiny_world, reference_adapter):
+    """train.save_total_limit 1: a SIGINT while step-000002 is being deleted waits for the deletion; a
+    SIGKILL inside it leaves a folder named as unfinished, removed at the next start; the run ends as one
+    never interrupted."""
+    recipe = six_step_recipe(tiny_world, tmp_path)
+    run, limit = tmp_path / "run", "train.save_total_limit=1"
+    proc = lorakit_process("train", recipe, limit, kill_at="delete:step-000002:renamed=INT")
+    assert proc.returncode == 130 and "stopped (SIGINT) at step 4" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000004"]
+    proc = lorakit_process("train", recipe, limit, "--resume", kill_at="delete:step-000004:renamed")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")][0].startswith(".step-000004.del-")
+    result = invoke("train", recipe, limit, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "interrupted write cleaned up: removed" in result.stderr and "at step 6" in result.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000006"]
+    assert max_difference(load_file(run / "final" / "adapter.safetensors"), reference_adapter) <= 1e-6

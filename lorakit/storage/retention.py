@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.faults import kill_point
+from lorakit.methods.lora_drop import SELECTION_FILE
 
 STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
 
@@ -56,6 +58,7 @@ def remove_folder(path: Path) -> None:
     """Rename ``path`` to ``.NAME.del-PID`` beside it, then delete it (see the module docstring)."""
     doomed = path.with_name(f".{path.name}.del-{os.getpid()}")
     os.replace(path, doomed)
+    kill_point(f"delete:{path.name}:renamed")
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -75,7 +78,8 @@ def prune(run_dir: Path, limit: int | None, protect: list[Path] = ()) -> list[Pa
 
 
 # ---- --overwrite ------------------------------------------------------------------------------------
-RUN_ENTRIES = {"checkpoints", "final", "metrics.jsonl", "summary.json", "curves.png", "tensorboard", "wandb"}
+RUN_ENTRIES = {"checkpoints", "final", "metrics.jsonl", "summary.json", "curves.png", "tensorboard", "wandb",
+               SELECTION_FILE}
 RUN_MARKS = {"checkpoints", "final", "metrics.jsonl", "summary.json"}
 STALE_ENTRY = re.compile(r"^\..+\.(tmp|old|del)-\d+$")
 
@@ -83,7 +87,7 @@ STALE_ENTRY = re.compile(r"^\..+\.(tmp|old|del)-\d+$")
 def check_overwritable(run_dir: Path) -> None:
     """Refuse to replace a folder that is not a lorakit run folder: it must hold only what a run writes
     (``checkpoints/``, ``final/``, ``metrics.jsonl``, ``summary.json``, ``curves.png``, tracker folders,
-    leftovers of interrupted writes) and at least one of ``checkpoints/``, ``final/``, ``metrics.jsonl``,
+    LoRA-drop's selection, leftovers of interrupted writes) and at least one of ``checkpoints/``, ``final/``, ``metrics.jsonl``,
     ``summary.json``; it must not be a link, nor this process's working folder or one above it.
 
     Raises LorakitError naming the folder and what makes it not a run folder."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from rich.markup import escape
 from safetensors.torch import load_file
 
@@ -126,13 +127,30 @@ class BestTracker:
 
 
 # ---- what the trainer does with it ----------------------------------------------------------------------
-def judge(trainer, metrics: dict) -> tuple[bool, bool]:
-    """Take an evaluation during training: (write a checkpoint for a new best, stop early now). Rank 0's
-    decision is broadcast, so every rank writes and stops at the same step; stopping prints one line."""
+def take(trainer, metrics: dict) -> bool:
+    """Update the trainer's tracker with an evaluation at its step; returns whether it is the new best.
+    On several processes rank 0's tracker state is then copied to every rank, so all ranks decide alike
+    (they see the same all-reduced metrics anyway)."""
     tracker = trainer.best
     improved = tracker.update(trainer.step, metrics)
-    flags = trainer.world.broadcast_int(int(improved) + 2 * int(tracker.should_stop))
-    improved, stop = bool(flags & 1), bool(flags & 2)
+    if trainer.world.size > 1:
+        value = math.nan if tracker.best_value is None else tracker.best_value
+        step = -1 if tracker.best_step is None else tracker.best_step
+        box = torch.tensor([value, step, tracker.bad_evals, improved], dtype=torch.float64)
+        trainer.world.broadcast_tensors([box])
+        value, step, bad, improved = box.tolist()
+        tracker.best_value = None if math.isnan(value) else value
+        tracker.best_step, tracker.bad_evals = (None if step < 0 else int(step)), int(bad)
+        improved = bool(improved)
+    return improved
+
+
+def judge(trainer, metrics: dict) -> tuple[bool, bool]:
+    """Take an evaluation during training (:func:`take`): (write a checkpoint for a new best, stop early
+    now); stopping prints one line."""
+    tracker = trainer.best
+    improved = take(trainer, metrics)
+    stop = tracker.should_stop
     if stop:
         reason = tracker.stop_reason()
         trainer.ending["stopped_early"] = {"step": trainer.step, "reason": reason}

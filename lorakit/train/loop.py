@@ -423,7 +423,7 @@ class Trainer:
             metrics = self.evaluate()
             self._log({"step": self.step, **metrics})
             if self.best.last_step != self.step:  # not counted yet (a resumed finished run has counted it)
-                self.best.update(self.step, metrics)
+                keep.take(self, metrics)
         with stop.holding():
             last = self._save(optimizer, scheduler) if self.step > self.saved_step or self.last_checkpoint is None \
                 else self.last_checkpoint

@@ -66,17 +66,21 @@ def reference_runs(root: Path, qfolder: Path, cases) -> None:
 
 
 def spawn(root: Path, mode: str, qfolder, reference: Path, deadline_s: float = 300) -> None:
-    """Run :func:`dist_jobs.job` on 2 forked processes; a rank that raises ends both (re-raised here),
-    and a job past ``deadline_s`` is killed and fails the test."""
+    """Run :func:`dist_jobs.job` on 2 forked processes (:func:`spawn_job`)."""
     root.mkdir(parents=True, exist_ok=True)
-    context = mp.start_processes(dist_jobs.job, args=(str(root), mode, str(qfolder) if qfolder else None,
-                                                      str(reference)), nprocs=2, join=False, start_method="fork")
+    spawn_job(dist_jobs.job, (str(root), mode, str(qfolder) if qfolder else None, str(reference)), deadline_s)
+
+
+def spawn_job(job, args: tuple, deadline_s: float = 300) -> None:
+    """Run ``job(rank, *args)`` on 2 forked processes; a rank that raises ends both (re-raised here), and a
+    job past ``deadline_s`` is killed and fails the test."""
+    context = mp.start_processes(job, args=args, nprocs=2, join=False, start_method="fork")
     end = time.monotonic() + deadline_s
     while not context.join(timeout=1):
         if time.monotonic() > end:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"the 2-process {mode} job ran past {deadline_s} s")
+            pytest.fail(f"the 2-process job {args} ran past {deadline_s} s")
 
 
 def check_resumes(root: Path, reference: Path, qfolder: Path) -> None:
