@@ -161,6 +161,8 @@ def starting_point(run_dir: Path, recipe, resume: bool, console: Console,
     check_world_size(saved_recipe, recipe_to_dict(recipe), ckpt.read_trainer_world_size(latest), world, latest)
     check_resumable(saved_recipe, recipe_to_dict(recipe), latest)
     step = ckpt.check_training_checkpoint(latest)  # a damaged file: named now, before the model loads
+    keep.BestTracker.from_recipe(recipe.train).load_state_dict(ckpt.read_trainer_best(latest),
+                                                               str(latest / "trainer.json"))
     saved_dir = saved_recipe.get("output_dir")
     if saved_dir is not None and Path(str(saved_dir)).resolve() != run_dir.resolve():
         console.print(f"note: this run was started in {saved_dir} and continues in {run_dir} (moved or copied)",

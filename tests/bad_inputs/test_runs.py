@@ -139,6 +139,10 @@ RESUME = [
     ("trainer-json-no-step", write(f"{LAST}/trainer.json", '{"stage": 4}'), "trainer.json"),
     ("trainer-json-negative", write(f"{LAST}/trainer.json", '{"step": -3}'), "trainer.json"),
     ("trainer-json-missing", remove(f"{LAST}/trainer.json"), "trainer.json"),
+    ("trainer-json-best-garbage", write(f"{LAST}/trainer.json", json.dumps({"step": 4, "best": {
+        "metric": "eval_loss", "greater_is_better": False, "best_value": "low", "best_step": 2, "bad_evals": 0}})),
+     "trainer.json"),
+    ("trainer-json-best-a-list", write(f"{LAST}/trainer.json", '{"step": 4, "best": [1, 2]}'), "trainer.json"),
     ("resume-recipe-broken", write(f"{LAST}/recipe.yaml", "train: {max_steps: [\n"), "recipe.yaml"),
     ("resume-adapter-garbage", write(f"{LAST}/adapter.safetensors", os.urandom(1024)), "adapter.safetensors"),
 ]
