@@ -192,6 +192,8 @@ def merge(
 def compare(
     recipes: list[Path] = typer.Argument(..., help="Recipes to train and compare, e.g. recipes/bbc-news-minilm*.yaml."),
     override: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE override applied to every recipe (repeatable)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Train every recipe under each of these methods "
+                                          "(comma-separated, or all), into OUTPUT_DIR-METHOD."),
     markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="PNG of the runs' curves and final metric "
                                              "(default: compare.png beside the runs' folders)."),
@@ -201,7 +203,7 @@ def compare(
         from lorakit import compare as cmp
         from lorakit import plot as plots
 
-        rows = cmp.compare(recipes, override or [], console)
+        rows = cmp.compare(recipes, override or [], console, cmp.parse_methods(methods))
         dirs = [Path(r["output_dir"]) for r in rows]
         picture = plots.plot_runs(dirs, plot_path or cmp.default_plot_path(dirs), title="lorakit compare")
     except LorakitError as err:

@@ -1,6 +1,8 @@
 """``lorakit compare``: train several recipes (e.g. one task under several methods) and tabulate them.
 
-Each recipe trains into its own ``output_dir`` as ``lorakit train`` would; a run that already finished
+Each recipe trains into its own ``output_dir`` as ``lorakit train`` would. With ``methods`` every recipe
+trains once per method, only ``method.name`` changed, into ``OUTPUT_DIR-METHOD`` (a field the method
+cannot honour is set aside with a warning, as in ``lorakit train``). A run that already finished
 (its ``summary.json`` exists) is not trained again, so an interrupted comparison picks up where it
 stopped. The table gives, per run: method, trainable parameters, seconds per optimizer step, and the
 final held-out metrics.
@@ -8,6 +10,8 @@ final held-out metrics.
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 from pathlib import Path
 
@@ -16,7 +20,8 @@ from rich.table import Table
 
 from lorakit import trust
 from lorakit.config import load_recipe, recipe_to_dict
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, RecipeError
+from lorakit.methods import REGISTRY
 from lorakit.storage import checkpoint as ckpt
 from lorakit.train.run import run_training
 
@@ -31,18 +36,52 @@ def read_summary(path: Path) -> dict:
     return summary
 
 
-def compare(recipes: list[Path], overrides: list[str], console: Console) -> list[dict]:
-    """Train every recipe that has not finished yet; return one row per recipe.
+def parse_methods(text: str | None) -> list[str] | None:
+    """``--methods``: ``all`` or comma-separated method names (``lora,dora``); None when not given.
 
-    Raises RecipeError for an invalid recipe before anything trains (all are validated first).
+    Raises RecipeError naming an unknown method (with the nearest name) or an empty/repeated entry.
     """
-    resolved = [(path, load_recipe(path, overrides)) for path in recipes]
-    dirs = [recipe.output_dir for _, recipe in resolved]
-    for (path, recipe), out_dir in zip(resolved, dirs):
+    if text is None:
+        return None
+    if text.strip() == "all":
+        return list(REGISTRY)
+    names = [n.strip() for n in text.split(",")]
+    for name in names:
+        if name not in REGISTRY:
+            close = difflib.get_close_matches(name, list(REGISTRY), n=1, cutoff=0.5)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise RecipeError(f"--methods: {name!r} is not a method{hint}; allowed: all, {', '.join(REGISTRY)}")
+        if names.count(name) > 1:
+            raise RecipeError(f"--methods: {name} is named twice")
+    return names
+
+
+def jobs(recipes: list[Path], overrides: list[str], methods: list[str] | None) -> list[tuple[Path, list[str]]]:
+    """(recipe, overrides) per run: one per recipe, or one per recipe and method (``OUTPUT_DIR-METHOD``)."""
+    if not methods:
+        return [(path, list(overrides)) for path in recipes]
+    out = []
+    for path in recipes:
+        base = load_recipe(path, overrides).output_dir.rstrip("/\\")
+        # a JSON string is a YAML scalar: the folder name stays a string whatever it looks like
+        out += [(path, [*overrides, f"method.name={m}", f"output_dir={json.dumps(f'{base}-{m}')}"]) for m in methods]
+    return out
+
+
+def compare(recipes: list[Path], overrides: list[str], console: Console,
+            methods: list[str] | None = None) -> list[dict]:
+    """Train every run that has not finished yet; return one row per run (see :func:`jobs`).
+
+    Raises RecipeError for an invalid recipe before anything trains (all are validated first), and
+    LorakitError when two runs would share an ``output_dir``.
+    """
+    resolved = [(path, extra, load_recipe(path, extra)) for path, extra in jobs(recipes, overrides, methods)]
+    dirs = [recipe.output_dir for _, _, recipe in resolved]
+    for (path, _, recipe), out_dir in zip(resolved, dirs):
         if dirs.count(out_dir) > 1:
             raise LorakitError(f"{path}: output_dir {out_dir} is shared with another recipe; each needs its own")
     rows = []
-    for path, recipe in resolved:
+    for path, overrides, recipe in resolved:
         summary_file = Path(recipe.output_dir) / "summary.json"
         summary = read_summary(summary_file) if summary_file.is_file() else {}
         if "after" in summary and summary.get("recipe") != recipe_to_dict(recipe):

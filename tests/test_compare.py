@@ -9,7 +9,7 @@ from rich.console import Console
 
 from lorakit import compare as cmp
 from lorakit.config import load_recipe, recipe_to_dict
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, RecipeError
 from tests.tiny_run import tiny_world  # noqa: F401
 
 
@@ -75,8 +75,9 @@ def test_every_shipped_recipe_validates_under_every_method(recipe):
 
 
 def test_one_recipe_trains_under_all_nine_methods(tiny_world, tmp_path):
-    """The quickstart's method fields (r 16, lora_alpha 32, dropout 0.05, q/k/v/o) with only method.name
-    changed: every method trains a step; Delta-LoRA's dropout and VeRA's lora_alpha are set aside."""
+    """The quickstart's method fields (r 16, lora_alpha 32, dropout 0.05, q/k/v/o) in one recipe,
+    ``--methods all``: every method trains a step into OUTPUT_DIR-METHOD; Delta-LoRA's dropout and VeRA's
+    lora_alpha are set aside."""
     from typer.testing import CliRunner
 
     from lorakit.cli import app
@@ -84,13 +85,35 @@ def test_one_recipe_trains_under_all_nine_methods(tiny_world, tmp_path):
     from tests.tiny_run import tiny_recipe, write_recipe
 
     quick = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml").read_text())
-    paths = [write_recipe(tmp_path / f"{m}.yaml", tiny_recipe(tiny_world, tmp_path / "runs" / m,
-                                                               method={**quick["method"], "name": m}))
-             for m in REGISTRY]
-    result = CliRunner().invoke(app, ["compare", *map(str, paths), "--set", "train.max_steps=1", "--markdown"])
+    path = write_recipe(tmp_path / "quick.yaml", tiny_recipe(tiny_world, tmp_path / "runs" / "quick",
+                                                             method=quick["method"]))
+    result = CliRunner().invoke(app, ["compare", str(path), "--methods", "all", "--set", "train.max_steps=1",
+                                      "--markdown"])
     assert result.exit_code == 0, result.output
     assert all(f"| {m} |" in result.output for m in REGISTRY)
+    assert all((tmp_path / "runs" / f"quick-{m}" / "summary.json").is_file() for m in REGISTRY)
+    assert not (tmp_path / "runs" / "quick").exists()
     assert "method.lora_dropout = 0.05 set aside" in result.output and "method.lora_alpha = 32 set aside" in result.output
+
+
+def test_methods_option_names_runs_and_refuses_unknown_names(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("method: {name: lora, r: 4}\noutput_dir: runs/007\n")
+    assert cmp.parse_methods(None) is None
+    assert cmp.parse_methods("dora, vera") == ["dora", "vera"]
+    from lorakit.methods import REGISTRY
+
+    assert cmp.parse_methods("all") == list(REGISTRY)
+    jobs = cmp.jobs([path], ["train.max_steps=2"], ["dora", "lora"])
+    assert [load_recipe(p, o).output_dir for p, o in jobs] == ["runs/007-dora", "runs/007-lora"]
+    assert [load_recipe(p, o).method.name for p, o in jobs] == ["dora", "lora"]
+    assert load_recipe(*jobs[0]).method.r == 4 and load_recipe(*jobs[0]).train.max_steps == 2
+    with pytest.raises(RecipeError, match=r"^--methods: 'doar' is not a method \(did you mean `dora`\?\)"):
+        cmp.parse_methods("lora,doar")
+    with pytest.raises(RecipeError, match="named twice"):
+        cmp.parse_methods("lora,lora")
+    with pytest.raises(RecipeError, match="'' is not a method"):
+        cmp.parse_methods("lora,")
 
 
 @pytest.mark.parametrize("text", [b"{oops", b"[1, 2]", b"\xff"])
