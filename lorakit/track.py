@@ -20,7 +20,6 @@ import contextlib
 import importlib.util
 import io
 from pathlib import Path
-from typing import Any
 
 import yaml
 

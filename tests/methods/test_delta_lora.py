@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from lorakit.config import recipe_from_dict
-from lorakit.errors import RecipeError
 from lorakit.methods import delta_lora
 from lorakit.methods.delta_lora import as_lora
 from lorakit.storage.checkpoint import adapter_state_dict, load_adapter_weights, read_checkpoint_meta
