@@ -106,11 +106,36 @@ class World:
         empty when the batch has fewer rows than ranks)."""
         return share_of(indices, self.rank, self.size)
 
-    def decorrelate_rng(self, seed: int, step: int) -> None:
+    def gather_rng(self) -> dict[str, torch.Tensor] | None:
+        """Every rank's torch RNG states in rank order, for a checkpoint (a collective: every rank calls
+        it): ``{"torch": uint8 [size, n]}``, plus ``"cuda"`` (each rank's own GPU) when CUDA is
+        available. None on one process."""
+        if not (self.active and self.size > 1):
+            return None
+        mine = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            mine["cuda"] = torch.cuda.get_rng_state()
+        out = {}
+        for key, state in mine.items():
+            parts = [torch.empty_like(state) for _ in range(self.size)]
+            dist.all_gather(parts, state)  # CPU tensors: gloo (also beside NCCL, see start)
+            out[key] = torch.stack(parts)
+        return out
+
+    def decorrelate_rng(self, seed: int, step: int, saved: dict[str, torch.Tensor] | None = None) -> None:
         """Give ranks other than 0 their own torch RNG stream (dropout masks differ per rank, as each
-        rank's rows differ); rank 0 keeps its stream, which is the single-process one."""
-        if self.rank > 0:
-            torch.manual_seed(seed + 7919 * self.rank + 104_729 * step)
+        rank's rows differ); rank 0 keeps its stream, which is the single-process one. ``saved``: the
+        :meth:`gather_rng` of the checkpoint resumed from; when it has a row per rank of this world, each
+        rank continues its own stream (a resumed run draws what the uninterrupted one would), otherwise
+        the stream starts from ``seed`` and ``step``."""
+        if self.rank == 0:
+            return
+        if saved is not None and saved["torch"].shape[0] == self.size:
+            torch.set_rng_state(saved["torch"][self.rank].clone())
+            if "cuda" in saved and torch.cuda.is_available() and saved["cuda"].shape[0] == self.size:
+                torch.cuda.set_rng_state(saved["cuda"][self.rank].clone())
+            return
+        torch.manual_seed(seed + 7919 * self.rank + 104_729 * step)
 
 
 def start(timeout_s: int = DEFAULT_TIMEOUT_S) -> World:

@@ -189,12 +189,14 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] | None = None,
     world_size: int = 1,
     best: dict | None = None,
+    rank_rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint folder at ``path`` atomically (temp folder, fsync, rename).
 
     ``optimizer``: the optimizer or its whole state dict; ``tensors``: the adapter tensors when gathered
     already (:func:`adapter_state_dict`); ``world_size``: processes of the run; ``best``: the best-evaluation
-    tracker's state (:class:`lorakit.train.keep.BestTracker`); both go to ``trainer.json``."""
+    tracker's state (:class:`lorakit.train.keep.BestTracker`); both go to ``trainer.json``; ``rank_rng``:
+    every rank's RNG states (:meth:`lorakit.world.World.gather_rng`), kept as ``rng["ranks"]``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -207,6 +209,8 @@ def save_checkpoint(
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        if rank_rng is not None:
+            rng["ranks"] = rank_rng
         optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
         state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng}
         torch.save(state, tmp / "trainer_state.pt")
@@ -240,7 +244,26 @@ def load_trainer_state(path: Path, mmap: bool = False) -> dict:
                            "lorakit loads only tensors and plain data from it)") from None
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
         raise LorakitError(f"{file}: not a valid lorakit checkpoint file (no optimizer / scheduler / rng state)")
+    _check_rng(state["rng"], file)
     return state
+
+
+def _check_rng(rng: object, file: Path) -> None:
+    """Refuse RNG states torch would reject with a traceback: ``torch`` a uint8 vector of this torch's
+    length, ``ranks`` (several processes) uint8 rows of the same lengths."""
+    n = torch.get_rng_state().numel()
+
+    def states(x: object, dims: int) -> bool:
+        return isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == dims and x.shape[-1] > 0
+
+    ranks = rng.get("ranks") if isinstance(rng, dict) else None
+    ok = (isinstance(rng, dict) and states(rng.get("torch"), 1) and rng["torch"].numel() == n
+          and "python" in rng
+          and (ranks is None or (isinstance(ranks, dict) and states(ranks.get("torch"), 2)
+                                 and ranks["torch"].shape[1] == n
+                                 and all(states(v, 2) for v in ranks.values()))))
+    if not ok:
+        raise LorakitError(f"{file}: not a valid lorakit checkpoint file (rng state)")
 
 
 def check_training_checkpoint(path: Path) -> int:

@@ -209,9 +209,11 @@ class Trainer:
         path = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
         tensors = ckpt.adapter_state_dict(self.model)
         state = dist_.full_optimizer_state(optimizer) if self.world.mode == "fsdp" else optimizer.state_dict()
+        rank_rng = self.world.gather_rng()
         if self.world.is_main:
             ckpt.save_checkpoint(path, self.model, self.method, recipe_to_dict(self.recipe), state, scheduler,
-                                 self.step, tensors=tensors, world_size=self.world.size, best=self.best.state_dict())
+                                 self.step, tensors=tensors, world_size=self.world.size, best=self.best.state_dict(),
+                                 rank_rng=rank_rng)
             ckpt.mark_latest(self.run_dir, path)
             best = self.best.best_checkpoint(self.run_dir)  # train.save_total_limit: rank 0 alone removes
             for gone in retention.prune(self.run_dir, self.recipe.train.save_total_limit, [best] if best else []):
@@ -324,12 +326,13 @@ class Trainer:
             state = ckpt.load_trainer_state(resume_from)
             dist_.load_optimizer_state(optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            ckpt.restore_rng(state["rng"])  # rank 0's, on every rank (rank 0 keeps the one-process stream)
+            ckpt.restore_rng(state["rng"])  # rank 0's, on every rank; the others' own streams just below
             self.step = ckpt.read_trainer_step(resume_from)
             self.best.load_state_dict(ckpt.read_trainer_best(resume_from), str(resume_from / "trainer.json"))
             self.console.print(f"Resuming from {escape(str(resume_from))} at step {self.step}")
         self.last_checkpoint, self.saved_step = resume_from, self.step
-        self.world.decorrelate_rng(self.recipe.train.seed, self.step)
+        saved = state["rng"].get("ranks") if resume_from is not None else None
+        self.world.decorrelate_rng(self.recipe.train.seed, self.step, saved)
         return optimizer, scheduler
 
     def _agree_on_stop(self, stop: StopSignals) -> bool:

@@ -134,6 +134,10 @@ RESUME = [
     ("state-wrong-shape", write(f"{LAST}/trainer_state.pt", torch_bytes({"weights": torch.zeros(2)})),
      "trainer_state.pt"),
     ("state-missing", remove(f"{LAST}/trainer_state.pt"), "trainer_state.pt"),
+    ("state-rng-float", lambda run: _edit_rng(run, torch=torch.zeros(5056)), "trainer_state.pt"),
+    ("state-rng-short", lambda run: _edit_rng(run, torch=torch.zeros(7, dtype=torch.uint8)), "trainer_state.pt"),
+    ("state-ranks-ragged", lambda run: _edit_rng(run, ranks={"torch": torch.zeros(2, 3, dtype=torch.uint8)}),
+     "trainer_state.pt"),
     ("trainer-json-broken", write(f"{LAST}/trainer.json", '{"step": '), "trainer.json"),
     ("trainer-json-no-step", write(f"{LAST}/trainer.json", '{"stage": 4}'), "trainer.json"),
     ("trainer-json-negative", write(f"{LAST}/trainer.json", '{"step": -3}'), "trainer.json"),
@@ -145,6 +149,14 @@ RESUME = [
     ("resume-recipe-broken", write(f"{LAST}/recipe.yaml", "train: {max_steps: [\n"), "recipe.yaml"),
     ("resume-adapter-garbage", write(f"{LAST}/adapter.safetensors", os.urandom(1024)), "adapter.safetensors"),
 ]
+
+
+def _edit_rng(run, **changes) -> None:
+    """trainer_state.pt whose RNG state torch would refuse with a traceback (the rest left valid)."""
+    file = run / LAST / "trainer_state.pt"
+    state = torch.load(file, weights_only=True)
+    state["rng"].update(changes)
+    torch.save(state, file)
 
 
 @pytest.mark.parametrize("case, tamper, expect", RESUME, ids=[c[0] for c in RESUME])

@@ -41,14 +41,16 @@ FSDP_CASES = ["lora", "lora_plus", "dora", "vera", "lora_fa", "delta_lora", "qlo
 
 
 def make(root: Path, case: str, world: World, save_every: int | None = None, method_state=None,
-         qfolder: Path | None = None, name: str | None = None, weights: Path | None = None) -> Trainer:
+         qfolder: Path | None = None, name: str | None = None, weights: Path | None = None,
+         dropout: float = 0.0) -> Trainer:
     """The Trainer of ``case`` in ``root/name`` (default ``root/case``) at PER_DEVICE rows per rank;
-    ``weights``: adapter weights loaded before the Trainer (which shards the model under FSDP)."""
+    ``weights``: adapter weights loaded before the Trainer (which shards the model under FSDP);
+    ``dropout``: the adapter's ``lora_dropout`` (the base model's dropout stays off)."""
     method, kind = CASES[case]
     task = "seq_cls" if kind == "bert" else "causal_lm"
     recipe = recipe_from_dict({
         "model": {"task": task, **({"quantization": "nf4"} if kind == "qllama" else {})},
-        "method": {"r": 4, "lora_dropout": 0.0, **method},
+        "method": {"r": 4, "lora_dropout": dropout, **method},
         "train": {"learning_rate": 1e-2, "batch_size": PER_DEVICE * 2 // world.size, "gradient_accumulation_steps": 2,
                   "max_steps": STEPS, "save_every": save_every, "warmup_ratio": 0.2, "lr_scheduler": "cosine",
                   "weight_decay": 0.01, "precision": "fp32"},
@@ -77,7 +79,8 @@ def make(root: Path, case: str, world: World, save_every: int | None = None, met
     return Trainer(model, None, m, data, recipe, torch.device("cpu"), Console(quiet=True), world=world)
 
 
-def resume(root: Path, case: str, world: World, checkpoint: Path, name: str, qfolder=None) -> Trainer:
+def resume(root: Path, case: str, world: World, checkpoint: Path, name: str, qfolder=None,
+           dropout: float = 0.0) -> Trainer:
     """Continue ``checkpoint`` (of a run at any world size) in ``root/name`` on ``world``."""
     target = root / name / "checkpoints" / checkpoint.name
     if world.is_main:
@@ -85,7 +88,7 @@ def resume(root: Path, case: str, world: World, checkpoint: Path, name: str, qfo
     world.barrier()
     _, state = read_checkpoint_meta(target)
     trainer = make(root, case, world, save_every=3, method_state=state, qfolder=qfolder, name=name,
-                   weights=target / "adapter.safetensors")
+                   weights=target / "adapter.safetensors", dropout=dropout)
     trainer.train(resume_from=target)
     return trainer
 
@@ -124,4 +127,8 @@ def job(rank: int, root: str, mode: str, qfolder: str | None, reference: str) ->
             (root / case / f"kept{rank}.json").write_text(json.dumps(trainer.method.selection["kept"]))
     (root / f"dylora_ranks{rank}.json").write_text(json.dumps(drawn))
     resume(root, "lora", world, reference / "lora" / "checkpoints" / "step-000003", "lora_from_1")
+    if mode == "ddp":  # dropout on: resumed on 2 processes, each rank continues its own RNG stream
+        make(root, "lora", world, save_every=3, name="dropout", dropout=0.3).train()
+        resume(root, "lora", world, root / "dropout" / "checkpoints" / "step-000003", "dropout_resumed",
+               dropout=0.3)
     dist.destroy_process_group()

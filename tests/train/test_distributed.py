@@ -109,6 +109,9 @@ def test_ddp_matches_one_process_for_every_method(tmp_path, qfolder):
     kept = [json.loads((root / "lora_drop" / f"kept{r}.json").read_text()) for r in (0, 1)]
     assert kept[0] == kept[1] == json.loads((reference / "lora_drop/lora_drop_selection.json").read_text())["kept"]
     check_resumes(root, reference, qfolder)
+    # with dropout, a 2-process resume draws every rank's masks as the uninterrupted run did
+    again, whole = losses(root / "dropout_resumed"), losses(root / "dropout")
+    assert sorted(again) == [4, 5] and [again[4], again[5]] == pytest.approx([whole[4], whole[5]], abs=1e-6)
 
 
 def test_fsdp_matches_one_process_and_saves_the_whole_adapter(tmp_path, qfolder):
