@@ -129,7 +129,7 @@ def eval_cmd(
 
         if held_out and not data:
             raise LorakitError("--held-out goes with --data (without --data the run's own held-out split is used)")
-        overrides = {"data": {"source": data}} if data else None
+        overrides = {"data": {"source": data, "sources": []}} if data else None  # --data replaces a mix too
         session, path = load_run(run, console, overrides, trust_remote_code,
                                  eval_whole_data=bool(data) and not held_out)
         trainer = Trainer(session.model, session.tokenizer, session.method, session.data,

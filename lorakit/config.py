@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,26 +44,78 @@ class ModelConfig(Section):
     adapter: str | None = Field(None, description="a PEFT LoRA/DoRA folder whose weights the run starts from")
 
 
+FORMATS = Literal["auto", "text", "instruction", "chat", "sharegpt", "classification"]
+
+
+class SourceConfig(Section):
+    """one data set of a mix; a field left out (null) takes the data section's value."""
+
+    source: str = Field(description="as data.source: a built-in, a local file or folder, or a hub id")
+    weight: float = Field(1.0, gt=0, description=
+        "this source's share of the training examples is weight / (sum of the weights); its rows are sampled "
+        "(seeded) to that share, repeated when it has fewer")
+    format: FORMATS | None = Field(None, description="as data.format; null: data.format")
+    split: str | None = Field(None, description="as data.split; null: data.split")
+    text_field: str | None = Field(None, description="as data.text_field; null: data.text_field")
+    label_field: str | None = Field(None, description="as data.label_field; null: data.label_field")
+    messages_field: str | None = Field(None, description="as data.messages_field; null: data.messages_field")
+    max_examples: int | None = Field(None, gt=0, description=
+        "cap on the rows this source's share is drawn from (after its held-out split); null: no cap")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_source(cls, value: Any) -> Any:
+        return {"source": value} if isinstance(value, str) else value
+
+
 class DataConfig(Section):
-    source: str = Field("chatterbot", description=
+    source: str | None = Field("chatterbot", description=
         "built-in (chatterbot, bbc-news, bbc-news-text), a local json/jsonl/csv/tsv/parquet/txt file or folder, "
-        "or a hub id")
-    format: Literal["auto", "text", "instruction", "chat", "classification"] = Field("auto", description=
+        "or a hub id; null when data.sources mixes several")
+    sources: list[SourceConfig] = Field([], description=
+        "several data sets mixed by weight, instead of data.source: each {source, weight} and optionally format, "
+        "split, text_field, label_field, messages_field, max_examples (data.sources[]); a bare string is "
+        "{source: ...}; each source gives its own held-out split")
+    format: FORMATS = Field("auto", description=
         "text: loss on every token; instruction: Alpaca columns instruction, input (optional), output, loss on "
         "output only; chat: role/content message lists through the chat template, loss on assistant turns only; "
-        "classification: text + label; auto: picked from the columns")
+        "sharegpt: from/value turns (human, gpt, system, function_call, observation, tool) read as chat; "
+        "classification: text + label; auto: picked from the columns (and a conversation's keys)")
     split: str = Field("train", description="split of a hub data set to read")
     text_field: str = Field("text", description="column holding the text (text and classification formats)")
     label_field: str = Field("label", description="column holding the class (names or integers 0..n-1)")
-    messages_field: str = Field("messages", description="column holding the message lists (chat format)")
+    messages_field: str | None = Field(None, description=
+        "column holding the conversations (chat, sharegpt); null: messages or conversations, whichever the data "
+        "has (both: messages for chat, conversations for sharegpt)")
     max_seq_length: int = Field(512, gt=0, description="tokens per example; longer ones are truncated")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share (stratified for classification)")
-    eval_max_examples: int | None = Field(None, gt=0, description="cap on held-out examples; null: no cap")
-    max_examples: int | None = Field(None, gt=0, description="cap on training examples; null: no cap")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description=
+        "held-out share (stratified for classification; of each source with data.sources)")
+    eval_max_examples: int | None = Field(None, gt=0, description=
+        "cap on held-out examples (of each source with data.sources); null: no cap")
+    max_examples: int | None = Field(None, gt=0, description=
+        "cap on training examples (with data.sources: on the mix, whose size is otherwise the sources' rows "
+        "together); null: no cap")
     packing: bool = Field(False, description="pack short examples into full rows (no attention across examples)")
     skip_bad_rows: bool = Field(False, description=
         "leave out malformed rows (chat messages, empty instruction/output, missing label) and print how many; "
         "false: the first one is an error naming it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_or_sources(cls, value: Any) -> Any:
+        """``source`` for one data set, ``sources`` for a mix: not both; ``source`` is null with a mix."""
+        if not isinstance(value, dict) or not value.get("sources"):
+            return value
+        if value.get("source") is not None:
+            raise ValueError("data.source and data.sources are both set: use data.source for one data set or "
+                             "data.sources for a mix")
+        return {**value, "source": None}
+
+    @model_validator(mode="after")
+    def _some_source(self) -> "DataConfig":
+        if self.source is None and not self.sources:
+            raise ValueError("data.source is null and data.sources is empty: name a data source")
+        return self
 
 
 class TrainConfig(Section):
@@ -248,6 +301,9 @@ def _section_fields(data: dict, loc: tuple) -> list[str]:
     model: type[BaseModel] = Recipe
     node: Any = data
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections (data.sources)
+            node = node[part] if isinstance(node, list) and part < len(node) else {}
+            continue
         node = node.get(part, {}) if isinstance(node, dict) else {}
         if part == "method":
             try:
@@ -256,14 +312,23 @@ def _section_fields(data: dict, loc: tuple) -> list[str]:
                 model = MethodConfig
         else:
             annotation = model.model_fields[str(part)].annotation
+            annotation = (typing.get_args(annotation) or [annotation])[0] if typing.get_origin(annotation) is list \
+                else annotation
             model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
     return list(model.model_fields)
+
+
+def _field_name(loc: tuple) -> str:
+    """``data.sources[1].weight`` from pydantic's ``("data", "sources", 1, "weight")``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
 def _format_error(err: ValidationError, data: dict, origin: str) -> str:
     first = err.errors()[0]
     loc = tuple(p for p in first["loc"] if not _UNION_TAG.match(str(p)))  # not `list[str]` of a union
-    field = ".".join(str(p) for p in loc) or "recipe"
+    field = _field_name(loc) or "recipe"
+    if first["type"] == "missing":
+        return f"{origin}: {field} is missing"
     if first["type"] == "extra_forbidden":
         key = str(loc[-1])
         return f"{origin}: unknown field `{field}`{_nearest(key, _section_fields(data, loc))}"

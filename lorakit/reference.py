@@ -51,7 +51,8 @@ def _type_name(annotation) -> str:
         parts = [_type_name(a) for a in args if a is not type(None)]
         return " | ".join(parts) + (" | null" if type(None) in args else "")
     if origin is list:
-        return f"list of {_type_name(typing.get_args(annotation)[0])}"
+        item = typing.get_args(annotation)[0]
+        return "list of mappings" if isinstance(item, type) and issubclass(item, BaseModel) else f"list of {_type_name(item)}"
     if annotation is bool:
         return "true | false"
     return getattr(annotation, "__name__", str(annotation))
@@ -70,7 +71,13 @@ def field_doc(name: str, info: FieldInfo) -> FieldDoc:
     bounds = _bounds(info)
     if bounds:
         kind = kind.replace(" | null", "") + f" {bounds}" + (" | null" if "null" in kind else "")
-    return FieldDoc(name, kind, _scalar(info.default), info.description or "")
+    return FieldDoc(name, kind, "required" if info.is_required() else _scalar(info.default), info.description or "")
+
+
+def item_model(annotation) -> type[BaseModel] | None:
+    """The section model of a list-of-sections field (``data.sources``), else None."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is list else ()
+    return args[0] if args and isinstance(args[0], type) and issubclass(args[0], BaseModel) else None
 
 
 def section_docs(model: type[BaseModel]) -> list[FieldDoc]:
@@ -142,6 +149,11 @@ def markdown() -> str:
         model = Recipe.model_fields[section].annotation
         out += [f"**`{section}`**" + (" (fields every method accepts)" if section == "method" else ""), ""]
         out += _table(section_docs(model), prefix=f"{section}.") + [""]
+        for name, info in model.model_fields.items():
+            if (item := item_model(info.annotation)) is not None:
+                out += [f"**`{section}.{name}[]`** (each item of `{section}.{name}`: "
+                        f"{(item.__doc__ or '').strip().splitlines()[0].rstrip('.')})", ""]
+                out += _table(section_docs(item), prefix=f"{section}.{name}[].") + [""]
         if section == "method":
             out += ["**`method`: what each method adds or changes** (`lorakit recipe --method NAME` prints a "
                     "whole recipe for it)", "", "| method | field | type / allowed | default | meaning |",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from lorakit.data import sharegpt
 from lorakit.errors import LorakitError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -97,7 +98,8 @@ def _chat_problem(messages) -> str | None:
         if not isinstance(message, dict) or "role" not in message:
             return f"messages[{i}] has no role; expected {{role, content}} with role one of {', '.join(ROLES)}"
         if message["role"] not in ROLES:
-            return f"messages[{i}].role is {message['role']!r}; expected one of {', '.join(ROLES)}"
+            hint = " (ShareGPT roles: set data.format: sharegpt)" if message["role"] in sharegpt.ROLES else ""
+            return f"messages[{i}].role is {message['role']!r}; expected one of {', '.join(ROLES)}{hint}"
         if not isinstance(message.get("content"), str):
             return f"messages[{i}].content is {'missing' if message.get('content') is None else type(message['content']).__name__}; expected text"
     if not any(m["role"] == "assistant" for m in messages):
@@ -109,6 +111,8 @@ def row_problem(fmt: str, row: dict) -> str | None:
     """What is wrong with one standardized row of format ``fmt``, or None."""
     if fmt == "chat":
         return _chat_problem(row["messages"])
+    if fmt == "sharegpt":
+        return sharegpt.problem(row["conversations"], row.get("system"))
     if fmt == "instruction":
         for key in ("instruction", "output"):
             if not isinstance(row.get(key), str) or not row[key].strip():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import zip_longest
 
 import datasets
 
@@ -208,25 +209,43 @@ def _encoder(raw: RawData, tok, max_len: int, uses_template: bool) -> Callable[[
     return encode
 
 
+def _samples(parts: list[RawData], uses_template: bool) -> tuple[list, list[str]]:
+    """Sample prompts and references, taking from each source in turn (a mix)."""
+    each = [samples(part, uses_template) for part in parts if part.format != "classification"]
+    pairs = [pair for row in zip_longest(*(list(zip(*s)) for s in each)) for pair in row if pair is not None]
+    return [p for p, _ in pairs[:NUM_SAMPLES]], [r for _, r in pairs[:NUM_SAMPLES]]
+
+
 def tokenize(raw: RawData, cfg: DataConfig, tokenizer, task: str) -> DataBundle:
-    """Tokenize ``raw`` for ``task``; pack the train split when ``cfg.packing`` (causal LM only).
+    """Tokenize ``raw`` for ``task`` (a mix: each source with its own format, then concatenated in the
+    order of ``data.sources``); pack the train split when ``cfg.packing`` (causal LM only).
 
     Raises:
         LorakitError: chat data without a chat template; nothing left to train on after truncation.
     """
     uses_template = bool(getattr(tokenizer, "chat_template", None))
-    if raw.format == "chat" and not uses_template:
-        raise LorakitError("data.format chat needs a tokenizer with a chat template (this one has none)")
+    parts = raw.parts or [raw]
+    for part in parts:
+        if part.format == "chat" and not uses_template:
+            raise LorakitError("data.format chat needs a tokenizer with a chat template (this one has none)"
+                               + (f": {part.name}" if raw.parts else ""))
     if cfg.packing and task != "causal_lm":
         raise LorakitError("data.packing needs model.task causal_lm")
-    encode = _encoder(raw, tokenizer, cfg.max_seq_length, uses_template)
-    train, held = map_batches(raw.train, encode), map_batches(raw.eval, encode)
+    trains, helds = [], []
+    for part in parts:
+        encode = _encoder(part, tokenizer, cfg.max_seq_length, uses_template)
+        trains.append(map_batches(part.train, encode))
+        helds.append(map_batches(part.eval, encode))
+    train, held = (trains[0], helds[0]) if len(parts) == 1 else (
+        datasets.concatenate_datasets([t for t in trains if len(t)] or trains[:1]), datasets.concatenate_datasets(helds))
     stats = {"train_examples": len(train), "eval_examples": len(held),
-             "dropped": len(raw.train) + len(raw.eval) - len(train) - len(held)}
+             "dropped": sum(len(p.train) + len(p.eval) for p in parts) - len(train) - len(held)}
+    if raw.parts:
+        stats["eval_sources"] = {part.name: len(h) for part, h in zip(parts, helds, strict=True)}
     if stats["dropped"]:
         log.warning("%d examples had no answer tokens left after truncation to %d and were dropped",
                     stats["dropped"], cfg.max_seq_length)
-    if (len(train) == 0 and len(raw.train)) or len(held) == 0:  # no train rows at all: evaluation only
+    if (len(train) == 0 and any(len(p.train) for p in parts)) or len(held) == 0:  # no train rows: evaluation only
         raise LorakitError(f"data: no {'training' if not len(train) else 'held-out'} examples left after "
                            f"tokenizing (answers truncated away? data.max_seq_length={cfg.max_seq_length})")
     if cfg.packing:
@@ -234,7 +253,7 @@ def tokenize(raw: RawData, cfg: DataConfig, tokenizer, task: str) -> DataBundle:
         stats["train_rows"] = len(train)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = 0 if pad is None else int(pad)
-    prompts, refs = samples(raw, uses_template) if raw.format != "classification" else ([], [])
+    prompts, refs = _samples(parts, uses_template)
     return DataBundle(
         train=train, eval=held, collate=Collator(pad, classification=raw.format == "classification", max_width=cfg.max_seq_length),
         format=raw.format, label_names=raw.label_names, sample_prompts=prompts, sample_references=refs,

@@ -20,6 +20,7 @@ import yaml
 from datasets import ClassLabel, Dataset, Features, Value
 
 from lorakit.config import DataConfig
+from lorakit.data import sharegpt
 from lorakit.data.check import check_file, keep_good_rows
 from lorakit.errors import LorakitError
 
@@ -35,11 +36,13 @@ FORMAT_COLUMNS = {
 
 @dataclass
 class RawData:
-    train: Dataset
-    eval: Dataset
+    train: Dataset | None
+    eval: Dataset | None
     format: str  # resolved: text | instruction | chat | classification
     label_names: list[str] | None  # classification only
     notes: list[str] = field(default_factory=list)  # what the user should read (rows skipped), one line each
+    parts: list[RawData] = field(default_factory=list)  # a mix (lorakit.data.mix): one per source; train/eval None
+    name: str = ""  # the source, as the mix line and per-source results name it
 
 
 @contextlib.contextmanager
@@ -172,31 +175,60 @@ def load_source(cfg: DataConfig) -> tuple[Dataset, bool]:
 
 
 # ---- format and columns --------------------------------------------------------------------------
-def resolve_format(fmt: str, columns: list[str], fields: dict[str, str], task: str) -> str:
-    """``cfg.format`` with ``auto`` resolved from the columns; raises LorakitError naming a missing field."""
+CHAT_COLUMNS = {"chat": "messages", "sharegpt": "conversations"}  # the column when data.messages_field is null
+
+
+def _conversation_format(ds: Dataset, fields: dict[str, str | None]) -> tuple[str, str] | None:
+    """(chat | sharegpt, column) for ``format: auto`` from the conversation column and its turns' keys
+    (:func:`lorakit.data.sharegpt.turn_style`); None when there is no conversation column."""
+    columns = ds.column_names
+    found = [c for c in ([fields["messages"]] if fields["messages"] else CHAT_COLUMNS.values()) if c in columns]
+    if len(found) > 1:
+        raise LorakitError(f"data.format auto: both {' and '.join(map(repr, found))} columns; set "
+                           "data.messages_field to the one holding the conversations")
+    if not found:
+        return None
+    style = sharegpt.turn_style(ds.select(range(min(len(ds), sharegpt.PROBE_ROWS)))[found[0]])
+    if style == "mixed":
+        raise LorakitError(f"data.messages_field '{found[0]}' has {{role, content}} and {{from, value}} turns; "
+                           "set data.format to chat or sharegpt")
+    return style or ("sharegpt" if found[0] == "conversations" else "chat"), found[0]
+
+
+def resolve_format(fmt: str, ds: Dataset, fields: dict[str, str | None], task: str) -> str:
+    """``cfg.format`` with ``auto`` resolved from the columns (and a conversation's turns: ``{role,
+    content}`` → chat, ``{from, value}`` → sharegpt); ``fields["messages"]`` is set to the conversation
+    column of chat / sharegpt. Raises LorakitError naming a missing field."""
+    columns = list(ds.column_names)
     cols = f"[{', '.join(columns)}]"
     if task == "seq_cls" and fmt not in ("auto", "classification"):
         raise LorakitError(f"data.format '{fmt}' needs model.task causal_lm (seq_cls takes classification data)")
     if fmt == "classification" and task != "seq_cls":
         raise LorakitError("data.format 'classification' needs model.task seq_cls")
     if fmt == "auto":
+        conversation = _conversation_format(ds, fields) if task != "seq_cls" else None
         if task == "seq_cls":
             fmt = "classification"
-        elif fields["messages"] in columns:
-            fmt = "chat"
+        elif conversation is not None:
+            fmt, fields["messages"] = conversation
         elif "instruction" in columns and "output" in columns:
             fmt = "instruction"
         elif fields["text"] in columns:
             fmt = "text"
         else:
+            chat = f"'{fields['messages']}'" if fields["messages"] else "'messages' / 'conversations'"
             raise LorakitError(
                 f"data.text_field '{fields['text']}' not in columns {cols} (data.format auto looks for "
-                f"'{fields['messages']}' → chat, 'instruction'+'output' → instruction, '{fields['text']}' → text)"
+                f"{chat} → chat / sharegpt, 'instruction'+'output' → instruction, '{fields['text']}' → text)"
             )
+    if fmt in CHAT_COLUMNS and not fields["messages"]:  # the format's own column, else the other one the data has
+        known = [CHAT_COLUMNS[fmt], *(c for c in CHAT_COLUMNS.values() if c != CHAT_COLUMNS[fmt])]
+        fields["messages"] = next((c for c in known if c in columns), CHAT_COLUMNS[fmt])
     needed = {
         "text": [("data.text_field", fields["text"])],
         "classification": [("data.text_field", fields["text"]), ("data.label_field", fields["label"])],
         "chat": [("data.messages_field", fields["messages"])],
+        "sharegpt": [("data.messages_field", fields["messages"])],
         "instruction": [("instruction column", "instruction"), ("output column", "output")],
     }[fmt]
     for what, name in needed:
@@ -219,6 +251,15 @@ def standardize(ds: Dataset, fmt: str, fields: dict[str, str], cfg: DataConfig,
     (:func:`lorakit.data.check.keep_good_rows`: the first bad one is an error unless
     ``cfg.skip_bad_rows``; what was skipped goes to ``notes``), drop empty texts, encode labels (at least
     two classes to train on; one is enough ``for_eval``)."""
+    if fmt == "sharegpt":  # checked as ShareGPT (naming its turns), then converted to chat messages
+        system = ["system"] if "system" in ds.column_names and fields["messages"] != "system" else []
+        ds = ds.select_columns([fields["messages"], *system])
+        if fields["messages"] != "conversations":
+            ds = ds.rename_column(fields["messages"], "conversations")
+        ds = ds if system else ds.add_column("system", [None] * len(ds))
+        ds = keep_good_rows(ds, fmt, cfg.source, cfg.skip_bad_rows, notes)
+        return map_batches(ds, lambda b: {"messages": [sharegpt.to_messages(clean_messages(t) or [], s) for t, s in
+                                                       zip(b["conversations"], b["system"], strict=True)]}), None
     if fmt == "chat":
         ds = ds.select_columns([fields["messages"]])
         if fields["messages"] != "messages":
@@ -297,7 +338,7 @@ def split(ds: Dataset, cfg: DataConfig, seed: int, stratify: bool) -> tuple[Data
     return train, held
 
 
-def load_raw(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False,
+def load_one(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False,
              label_names: list[str] | None = None) -> RawData:
     """Load ``cfg.source``, resolve the format, standardize columns and make the held-out split (with
     ``whole_for_eval``: no split, every row is held out and nothing is for training). ``label_names``: a
@@ -309,7 +350,7 @@ def load_raw(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False
     ds, builtin = load_source(cfg)
     fields = {"text": "text", "label": "label", "messages": "messages"} if builtin else \
         {"text": cfg.text_field, "label": cfg.label_field, "messages": cfg.messages_field}
-    fmt = resolve_format(cfg.format, list(ds.column_names), fields, task)
+    fmt = resolve_format(cfg.format, ds, fields, task)
     if cfg.packing and fmt == "classification":
         raise LorakitError("data.packing needs model.task causal_lm (it does not apply to classification)")
     with quiet_datasets():
@@ -319,4 +360,5 @@ def load_raw(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False
             train, held = ds.select([]), ds
         else:
             train, held = split(ds, cfg, seed, stratify=fmt == "classification")
-    return RawData(train=train, eval=held, format=fmt, label_names=label_names, notes=notes)
+    return RawData(train=train, eval=held, format="chat" if fmt == "sharegpt" else fmt, label_names=label_names,
+                   notes=notes)

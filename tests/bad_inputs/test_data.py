@@ -26,6 +26,8 @@ def chat(n: int = 8, bad: dict | None = None) -> str:
 
 
 TEXTS = [{"text": f"w{i} w{i + 1} w{i + 2}"} for i in range(8)]
+HUMAN = {"from": "human", "value": "Say hello."}
+SHARE = {"conversations": [HUMAN, {"from": "gpt", "value": "Hello."}]}
 
 # (id, file name, content (str or bytes), data fields, exit status, what the line must name)
 FILES = [
@@ -71,6 +73,16 @@ FILES = [
     ("instruction-empty-output", "d.jsonl",
      jsonl([{"instruction": "Add.", "output": "5"}] * 3 + [{"instruction": "Add.", "output": ""}] * 2),
      {"format": "instruction"}, 1, ("row 4", "output")),
+    ("sharegpt-unknown-from", "d.jsonl", jsonl([SHARE] * 2 + [{"conversations": [HUMAN, {"from": "bot", "value": "Hi"}]}]
+                                              + [SHARE] * 5), {"format": "auto"}, 1, ("d.jsonl", "row 3", "conversations[1].from", "'bot'")),
+    ("sharegpt-no-gpt", "d.jsonl", jsonl([SHARE] * 4 + [{"conversations": [HUMAN]}] * 2), {"format": "sharegpt"}, 1,
+     ("row 5", "no gpt", "2 bad rows of 6")),
+    ("sharegpt-value-number", "d.jsonl", jsonl([SHARE] * 4 + [{"conversations": [HUMAN, {"from": "gpt", "value": 5}]}]),
+     {"format": "auto"}, 1, ("row 5", "conversations[1].value")),
+    ("sharegpt-not-a-list", "d.jsonl", jsonl([SHARE] * 4 + [{"conversations": "Say hello."}]), {"format": "sharegpt"},
+     1, ("row 5", "conversations is str")),
+    ("sharegpt-and-chat-turns", "d.jsonl", jsonl([SHARE] * 4 + [{"conversations": [USER, ANSWER]}]), {"format": "auto"}, 1,
+     ("{role, content} and {from, value}", "data.format")),
     ("brackets-in-name", "[x].jsonl", "", {}, 1, "[x].jsonl"),
 ]
 
@@ -131,3 +143,14 @@ def test_skipping_bad_chat_rows_is_explicit_and_counted(tmp_path, tiny_world):
     result = invoke("train", recipe, "train.max_steps=1")
     assert result.exit_code == 0, result.output
     assert "skipped 1 bad row of 8" in result.stderr and "row 3" in result.stderr
+
+
+def test_a_bad_source_of_a_mix_is_named_by_its_place(tmp_path, tiny_world, no_model):
+    good = tmp_path / "good.jsonl"
+    good.write_text(jsonl([SHARE] * 8))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(jsonl(TEXTS[:3] + ['{"text": "w1'] + TEXTS[3:]))
+    recipe = _recipe(tmp_path, tiny_world, None, {"format": "auto", "sources": [str(good), {"source": str(bad)}]})
+    check_fails(["train", recipe], 1, ("data.sources[1]", "bad.jsonl", "line 4", "JSON"), [tmp_path])
+    recipe = _recipe(tmp_path, tiny_world, None, {"format": "auto", "sources": [str(good), str(tmp_path / "no.jsonl")]})
+    check_fails(["train", recipe], 1, ("data.sources[1]", "no.jsonl", "no such file"), [tmp_path])

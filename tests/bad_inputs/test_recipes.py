@@ -81,6 +81,16 @@ RECIPES = [
     ("format-unknown", edit("data", format="tabular"), 2, "data.format"),
     ("seq-cls-with-chat", edit("model", task="seq_cls"), 2, "data.format"),
     ("eval-fraction-zero", edit("data", eval_fraction=0), 2, "data.eval_fraction"),
+    ("source-and-sources", edit("data", sources=["a.jsonl", "b.jsonl"]), 2, ("data.source and data.sources", "both")),
+    ("no-source", edit("data", source=None), 2, ("data.source is null", "data.sources is empty")),
+    ("sources-no-source", edit("data", source=None, sources=[{"weight": 2}]), 2, "data.sources[0].source is missing"),
+    ("sources-weight-zero", edit("data", source=None, sources=["a.jsonl", {"source": "b.jsonl", "weight": 0}]), 2,
+     "data.sources[1].weight = 0"),
+    ("sources-unknown-field", edit("data", source=None, sources=[{"source": "a.jsonl", "wieght": 2}]), 2,
+     ("data.sources[0].wieght", "did you mean `weight`")),
+    ("sources-a-string", edit("data", source=None, sources="a.jsonl"), 2, "data.sources"),
+    ("sources-format-typo", edit("data", source=None, sources=[{"source": "a.jsonl", "format": "sharegtp"}]), 2,
+     ("data.sources[0].format", "sharegpt")),
     ("seq-length-zero", edit("data", max_seq_length=0), 2, "data.max_seq_length"),
     ("name-a-number", edit("model", name_or_path=5), 2, "model.name_or_path"),
     ("vera-unknown-field", edit("method", name="vera", rr=4), 2, "method.rr"),  # VeRA sets use_rslora aside (issue 18)
@@ -133,6 +143,8 @@ OVERRIDES = [
     ("unclosed-list", ["train.batch_size=[1"], 2, "train.batch_size"),
     ("huge-number", ["train.learning_rate=1e400"], 2, "train.learning_rate"),
     ("brackets-kept", ["method.name=[lora]x"], 2, "[lora]x"),
+    ("source-over-a-mix", ["data.source=null", "data.sources=[a.jsonl]", "data.source=b.jsonl"], 2,
+     "data.source and data.sources"),
     ("output-under-proc", ["output_dir=/proc/lorakit-run"], 1, ("output_dir", "/proc/lorakit-run")),
 ]
 
