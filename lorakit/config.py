@@ -4,14 +4,11 @@ A recipe has the sections ``model``, ``method``, ``data``, ``train`` and ``outpu
 ``method`` are validated by the method's own config class, found in the registry by ``method.name``
 (:mod:`lorakit.methods`: the schema imports the registry, never the reverse). Every validation
 problem becomes one :class:`RecipeError` line naming the field, the bad value and what is allowed
-(unknown keys get the nearest valid name).
+(unknown keys get the nearest valid name; :mod:`lorakit.recipe_errors`).
 """
 
 from __future__ import annotations
 
-import difflib
-import re
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorakit.errors import RecipeError
 from lorakit.methods import MethodConfig, get_method_class
+from lorakit.recipe_errors import format_error, refuse_repeated_keys, yaml_reason
 
 DEFAULT_METHOD = MethodConfig.model_fields["name"].default  # method.name when a recipe leaves it out
 
@@ -288,66 +286,6 @@ class Recipe(Section):
         return self
 
 
-_UNION_TAG = re.compile(r"^(list|dict|str|int|float|bool|literal|function-\w+)(\[.*\])?$")
-
-
-def _nearest(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
-    return f" (did you mean `{close[0]}`?)" if close else f"; allowed: {', '.join(allowed)}"
-
-
-def _section_fields(data: dict, loc: tuple) -> list[str]:
-    """Field names valid at ``loc`` (the location of an unknown key), for the suggestion."""
-    model: type[BaseModel] = Recipe
-    node: Any = data
-    for part in loc[:-1]:
-        if isinstance(part, int):  # an item of a list of sections (data.sources)
-            node = node[part] if isinstance(node, list) and part < len(node) else {}
-            continue
-        node = node.get(part, {}) if isinstance(node, dict) else {}
-        if part == "method":
-            try:
-                model = get_method_class(node.get("name", DEFAULT_METHOD)).config_class
-            except RecipeError:
-                model = MethodConfig
-        else:
-            annotation = model.model_fields[str(part)].annotation
-            annotation = (typing.get_args(annotation) or [annotation])[0] if typing.get_origin(annotation) is list \
-                else annotation
-            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
-    return list(model.model_fields)
-
-
-def _field_name(loc: tuple) -> str:
-    """``data.sources[1].weight`` from pydantic's ``("data", "sources", 1, "weight")``."""
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-
-
-def _format_error(err: ValidationError, data: dict, origin: str) -> str:
-    first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not _UNION_TAG.match(str(p)))  # not `list[str]` of a union
-    field = _field_name(loc) or "recipe"
-    if first["type"] == "missing":
-        return f"{origin}: {field} is missing"
-    if first["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        return f"{origin}: unknown field `{field}`{_nearest(key, _section_fields(data, loc))}"
-    msg = first["msg"].removeprefix("Value error, ")
-    ctx = first.get("ctx", {})
-    if "expected" in ctx:
-        msg = f"expected {ctx['expected']}"
-    if not loc or f"{field}." in msg:  # a rule across fields: the message names them
-        return f"{origin}: {msg}"
-    return f"{origin}: {field} = {first.get('input')!r} is invalid: {msg}"
-
-
-def _yaml_reason(err: yaml.YAMLError) -> str:
-    """One line: the problem and its line, from a PyYAML error."""
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    mark = getattr(err, "problem_mark", None)
-    return f"{problem}, line {mark.line + 1}" if mark is not None else problem
-
-
 def parse_value(text: str) -> Any:
     """Parse an override's right-hand side as YAML (``3``, ``1e-4``, ``true``, ``[q_proj, v_proj]``)."""
     try:
@@ -380,31 +318,9 @@ def recipe_from_dict(data: dict, origin: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_format_error(err, data, origin)) from None
+        raise RecipeError(format_error(err, data, origin, Recipe)) from None
     except RecipeError as err:  # raised inside a validator (an unknown method.name): name the file too
         raise RecipeError(f"{origin}: {err}") from None
-
-
-def _refuse_repeated_keys(node: yaml.Node | None, visited: set[int] | None = None) -> None:
-    """Raise ``yaml.YAMLError`` for a key given twice in one mapping of a composed YAML document (YAML
-    itself keeps the last one silently). Composing builds nodes only: no tag is constructed. An alias is
-    the node it names, so each node is visited once (a recursive alias cannot loop)."""
-    visited = set() if visited is None else visited
-    if node is None or id(node) in visited:
-        return
-    visited.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                if key_node.value in seen:
-                    raise yaml.YAMLError(f"`{key_node.value}` is given twice in one section "
-                                         f"(line {key_node.start_mark.line + 1})")
-                seen.add(key_node.value)
-            _refuse_repeated_keys(value_node, visited)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _refuse_repeated_keys(item, visited)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -423,10 +339,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: not UTF-8 text (byte {path.read_bytes()[err.start]:#04x} on line {line}); "
                           "save the recipe as UTF-8") from None
     try:
-        _refuse_repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        refuse_repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader))
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML ({_yaml_reason(err)})") from None
+        raise RecipeError(f"{path}: not valid YAML ({yaml_reason(err)})") from None
     if data is None or data == {}:
         raise RecipeError(f"{path}: the recipe is empty; it needs at least model, data and output_dir "
                           "(lorakit recipe prints a commented one)")
