@@ -17,7 +17,6 @@ The model comes back on CPU unless quantized on CUDA; nothing is frozen here.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -29,6 +28,7 @@ import torch
 from lorakit.assets import cache_dir, console, ensure
 from lorakit.config import ModelConfig
 from lorakit.device import model_device
+from lorakit.jsonfile import read_json_object
 from lorakit.errors import LorakitError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,12 +114,7 @@ def check_model_folder(name: str, folder: Path) -> None:
     if not config.is_file():
         raise LorakitError(f"{where}: no config.json in {folder}; expected a transformers model folder "
                            "(config.json, weights, tokenizer)")
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LorakitError(f"{where}: {config} is not valid JSON ({type(err).__name__})") from None
-    if not isinstance(data, dict):
-        raise LorakitError(f"{where}: {config} is not a JSON object")
+    read_json_object(config, where)
     weights = sorted(folder.glob("*.safetensors"))
     if not weights and not any((folder / n).is_file() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise LorakitError(f"{where}: no weights in {folder} (model.safetensors or pytorch_model.bin)")

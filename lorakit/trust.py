@@ -125,3 +125,4 @@ def read_json(path: Path, what: str) -> object:
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LorakitError(f"{path}: not a valid {what} ({type(err).__name__})") from None
+

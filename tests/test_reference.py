@@ -51,3 +51,12 @@ def test_recipe_command_prints_a_recipe_and_rejects_unknown_methods():
     assert result.exit_code == 0 and "  name: dora\n" in result.stdout
     bad = runner.invoke(app, ["recipe", "--method", "lroa"])
     assert bad.exit_code == 2 and "did you mean `lora`" in bad.output
+
+
+def test_readme_names_every_field_a_resume_may_change():
+    from lorakit.train.run import RESUMABLE_CHANGES
+
+    text = README.read_text()
+    start = text.index("`--resume` checks the recipe against the checkpoint's")
+    said = text[start: text.index("anything else is refused", start)].replace("`_threshold`", "`early_stopping_threshold`")
+    assert [f for f in sorted(RESUMABLE_CHANGES) if f"`{f.split('.')[-1]}`" not in said] == []

@@ -12,7 +12,6 @@ modules must be exactly those the adapter holds. Every mismatch is a LorakitErro
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from lorakit.jsonfile import read_json_object
 from lorakit.errors import LorakitError
 
 TAKEN = ("r", "lora_alpha", "use_rslora", "target_modules")
@@ -36,12 +36,7 @@ def read_adapter_config(path: str | Path) -> dict:
     if not file.is_file() or not (folder / "adapter_model.safetensors").is_file():
         raise LorakitError(f"{_where(path)}: not a PEFT adapter folder (needs adapter_config.json and "
                            "adapter_model.safetensors)")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LorakitError(f"{_where(path)}: adapter_config.json is not valid JSON ({type(err).__name__})") from None
-    if not isinstance(config, dict):
-        raise LorakitError(f"{_where(path)}: adapter_config.json is not a JSON object")
+    config = read_json_object(file, _where(path))
     if config.get("peft_type") != "LORA":
         raise LorakitError(f"{_where(path)}: peft_type {config.get('peft_type')!r}; only LORA adapters "
                            "(with or without use_dora) can be a starting point")
