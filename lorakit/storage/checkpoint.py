@@ -303,7 +303,8 @@ def read_trainer_world_size(path: Path) -> int:
 STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether another process ``pid`` is running (this process counts as not: its own leftovers are stale)."""
     if pid == os.getpid():
         return False
     try:
@@ -327,7 +328,7 @@ def clean_stale(run_dir: Path) -> list[str]:
             continue
         for entry in sorted(folder.iterdir()):
             match = STALE.match(entry.name)
-            if match is None or _alive(int(match["pid"])):
+            if match is None or alive(int(match["pid"])):
                 continue
             original = folder / match["name"]
             if match["kind"] == "old" and not original.exists():

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.storage.checkpoint import alive
 from lorakit.faults import kill_point
 from lorakit.methods.lora_drop import SELECTION_FILE
 
@@ -119,3 +120,24 @@ def move_aside(run_dir: Path) -> Path | None:
     aside = run_dir.with_name(f".{run_dir.name}.overwritten-{os.getpid()}")
     os.replace(run_dir, aside)
     return aside
+
+
+def clean_overwritten(run_dir: Path) -> list[Path]:
+    """Remove the ``.NAME.overwritten-PID`` folders beside ``run_dir`` that an ``--overwrite`` killed before
+    its cleanup left (its process gone; still a run folder by :func:`check_overwritable`; anything else is
+    left alone). Returns the removed ones."""
+    run_dir = Path(run_dir)
+    pattern = re.compile(rf"^\.{re.escape(run_dir.name)}\.overwritten-(\d+)$")
+    removed = []
+    parent = run_dir.parent if run_dir.parent.is_dir() else None
+    for entry in sorted(parent.iterdir()) if parent else []:
+        match = pattern.match(entry.name)
+        if match is None or alive(int(match[1])) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            check_overwritable(entry)
+        except LorakitError:
+            continue
+        shutil.rmtree(entry)
+        removed.append(entry)
+    return removed

@@ -251,6 +251,9 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
         console.print(f"before training: {_summary_line(before)}")
     if aside is not None:  # the new run has written its first file
         shutil.rmtree(aside)
+    for left in retention.clean_overwritten(run_dir) if overwrite and world.is_main else []:
+        console.print(f"--overwrite: removed {left}, left by an earlier --overwrite that was killed", markup=False,
+                      highlight=False, soft_wrap=True)
         _samples(session, console, "samples before training", world)
     report_to = recipe.train.report_to if world.is_main else []  # rank 0 alone reports
     trackers = track.Trackers(report_to, run_dir, recipe_to_dict(recipe), start_step, verbose)

@@ -111,3 +111,17 @@ def test_a_folder_that_is_no_run_is_refused(tmp_path, monkeypatch, case):
     with pytest.raises(LorakitError, match=expect):
         retention.move_aside(run)
     assert run.exists()
+
+
+def test_leftovers_of_a_killed_overwrite_are_removed_only_when_they_are_runs(tmp_path):
+    make_run(tmp_path, [2])
+    os.replace(tmp_path / "run", tmp_path / ".run.overwritten-999999999")  # a dead process's
+    make_run(tmp_path, [2])
+    os.replace(tmp_path / "run", tmp_path / f".run.overwritten-{os.getppid()}")  # a live one's: in use
+    (tmp_path / ".run.overwritten-999999998").mkdir()
+    (tmp_path / ".run.overwritten-999999998" / "mine.txt").write_text("not a run")
+    (tmp_path / ".other.overwritten-999999999").mkdir()  # another run's name
+    removed = retention.clean_overwritten(tmp_path / "run")
+    assert [p.name for p in removed] == [".run.overwritten-999999999"]
+    assert {p.name for p in tmp_path.iterdir()} == {".other.overwritten-999999999", ".run.overwritten-999999998",
+                                                     f".run.overwritten-{os.getppid()}"}
