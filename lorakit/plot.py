@@ -21,8 +21,16 @@ PNG = "curves.png"
 EVAL_KEYS = ("eval_loss", "accuracy", "macro_f1")  # drawn when present; perplexity is exp(eval_loss)
 
 
+def _marked_step(value) -> int | None:
+    """The integer ``step`` of a summary.json entry (``best``, ``stopped_early``), or None."""
+    step = value.get("step") if isinstance(value, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def read_run(run_dir: Path) -> dict:
-    """{"name", "method", "train": [records], "eval": [records]} of a run folder.
+    """{"name", "method", "train": [records], "eval": [records], "best": step | None, "stopped": step | None}
+    of a run folder (``best``: the best evaluation's step when its checkpoint was loaded at the end;
+    ``stopped``: where early stopping ended it; from summary.json).
 
     Raises LorakitError when the folder has no metrics.jsonl or a line is not JSON or not a record (an
     object with an integer ``step``). A summary.json that cannot be read is left out."""
@@ -49,7 +57,10 @@ def read_run(run_dir: Path) -> dict:
     summary = summary if isinstance(summary, dict) else {}
     if isinstance(summary.get("before"), dict):
         evals.insert(0, {"step": 0, **summary["before"]})
-    return {"name": run_dir.name, "method": summary.get("method"), "train": train, "eval": evals}
+    best = summary.get("best") if isinstance(summary.get("best"), dict) else {}
+    return {"name": run_dir.name, "method": summary.get("method"), "train": train, "eval": evals,
+            "best": _marked_step(best) if best.get("loaded_at_end") is True else None,
+            "stopped": _marked_step(summary.get("stopped_early"))}
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -109,6 +120,10 @@ def plot_run(run_dir: Path, path: Path | None = None) -> Path:
     metrics = [k for k in ("accuracy", "macro_f1") if _series(run["eval"], k)[0]]
     fig, axes = _figure(3 if metrics else 2)
     _loss_panel(axes[0], run, color="tab:blue")
+    for step, style, label in ((run["best"], ":", "best, loaded at the end"), (run["stopped"], "-.", "stopped early")):
+        if step is not None:  # train.load_best_at_end, train.early_stopping_patience
+            axes[0].axvline(step, color="tab:green" if style == ":" else "tab:red", linestyle=style,
+                            linewidth=1.2, label=f"{label} (step {step})")
     axes[0].legend(loc="upper right", fontsize=8)
     steps, lr = _series(run["train"], "lr")
     axes[1].plot(steps, lr, color="tab:orange")

@@ -44,6 +44,20 @@ def test_plot_run_draws_a_png_readable_by_all(tmp_path, classification):
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
+def test_the_best_loaded_and_an_early_stop_are_marked(tmp_path):
+    run = fake_run(tmp_path / "a")
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(best={"step": 20, "metric": "eval_loss", "value": 0.1, "loaded_at_end": True},
+                   stopped_early={"step": 30, "reason": "..."})
+    (run / "summary.json").write_text(json.dumps(summary))
+    read = plot.read_run(run)
+    assert (read["best"], read["stopped"]) == (20, 30)
+    assert is_png(plot.plot_run(run), 1000)
+    summary.update(best={"step": 20, "loaded_at_end": False}, stopped_early={"step": "30"})  # not loaded; not a step
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert (plot.read_run(run)["best"], plot.read_run(run)["stopped"]) == (None, None)
+
+
 def test_plot_runs_overlays_and_compares(tmp_path):
     runs = [fake_run(tmp_path / m, method=m, classification=True) for m in ("lora", "dora", "vera")]
     path = plot.plot_runs(runs, tmp_path / "out" / "all.png")
