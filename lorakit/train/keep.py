@@ -29,7 +29,7 @@ from rich.markup import escape
 from safetensors.torch import load_file
 
 from lorakit.errors import LorakitError
-from lorakit.storage import checkpoint as ckpt
+from lorakit.storage import checkpoint as ckpt, retention
 from lorakit.train import distributed as dist_
 
 
@@ -157,6 +157,14 @@ def judge(trainer, metrics: dict) -> tuple[bool, bool]:
         trainer.console.print(f"stopped early at step {trainer.step}: {reason} (train.early_stopping_patience)",
                               markup=False, highlight=False, soft_wrap=True)
     return improved and tracker.save_best, stop
+
+
+def prune(trainer) -> None:
+    """Remove the checkpoint folders beyond ``train.save_total_limit`` (the best one kept with
+    ``load_best_at_end``; :mod:`lorakit.storage.retention`), one dim line each. Rank 0 calls it."""
+    best = trainer.best.best_checkpoint(trainer.run_dir)
+    for gone in retention.prune(trainer.run_dir, trainer.recipe.train.save_total_limit, [best] if best else []):
+        trainer.console.print(f"[dim]removed {escape(str(gone))} (train.save_total_limit)[/dim]", soft_wrap=True)
 
 
 def load_best(trainer, metrics: dict) -> dict:

@@ -31,7 +31,7 @@ from lorakit.faults import kill_point
 from lorakit.loss import batch_loss, count_loss_items
 from lorakit.output import progress_for
 from lorakit.precision import recipe_precision
-from lorakit.storage import checkpoint as ckpt, retention
+from lorakit.storage import checkpoint as ckpt
 from lorakit.storage.peft import write_peft_folder
 from lorakit.train.interrupt import StopSignals, Stopped
 from lorakit.train import distributed as dist_, keep
@@ -215,9 +215,7 @@ class Trainer:
                                  self.step, tensors=tensors, world_size=self.world.size, best=self.best.state_dict(),
                                  rank_rng=rank_rng)
             ckpt.mark_latest(self.run_dir, path)
-            best = self.best.best_checkpoint(self.run_dir)  # train.save_total_limit: rank 0 alone removes
-            for gone in retention.prune(self.run_dir, self.recipe.train.save_total_limit, [best] if best else []):
-                self.console.print(f"[dim]removed {escape(str(gone))} (train.save_total_limit)[/dim]", soft_wrap=True)
+            keep.prune(self)  # train.save_total_limit: rank 0 alone removes
         self.last_checkpoint, self.saved_step = path, self.step
         if self.world.is_main:
             for callback in self.on_checkpoint:
