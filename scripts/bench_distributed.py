@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-import bench_gpu  # noqa: E402  (the shapes and model builder shared with the one-GPU bench)
+import bench_setup as bench_gpu  # noqa: E402  (the shapes and model builder of the one-GPU bench, bench_gpu.py)
 
 GIB = bench_gpu.GIB
 METHODS = ["lora", "dora", "qlora"]

@@ -39,7 +39,7 @@ def save_folder(shape: str, root: str) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    import bench_gpu
+    import bench_setup as bench_gpu
 
     folder = os.path.join(root, shape)
     if os.path.exists(os.path.join(folder, "config.json")):
@@ -62,7 +62,7 @@ def run(shape: str, method: str, args) -> dict:
     import torch
     from unsloth import FastLanguageModel
 
-    import bench_gpu
+    import bench_setup as bench_gpu
 
     folder = save_folder(shape, args.root)
     torch.cuda.reset_peak_memory_stats()

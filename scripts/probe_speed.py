@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
-import bench_gpu as bg
+import bench_setup as bg
 
 
 def bench(fn, n=20, warm=5):
