@@ -136,36 +136,45 @@ def eval_cmd(
                           session.recipe, session.device, console, allow_compile=False)
         options = {k: v for k, v in (("rank", rank), ("ranks", ranks)) if v is not None}
         metrics = {"eval_examples": len(session.data.eval), **trainer.evaluate(**options)}  # a fixed-rank method refuses rank options
+        by_source = {} if ranks else {name: {"eval_examples": len(rows), **trainer.evaluate(rows, **options)}
+                                      for name, rows in session.data.eval_by_source().items()}  # a mix's sources
     except LorakitError as err:
         _fail(err)
     what = f"all of {data}" if data and not held_out else "the held-out split of " + (data or "the run's data")
     console.print(f"evaluated {metrics['eval_examples']} examples: {what}", markup=False, highlight=False,
                   soft_wrap=True)
     if as_json:
-        out.print_json(json.dumps({"checkpoint": str(path), **metrics}))
+        out.print_json(json.dumps({"checkpoint": str(path), **metrics, **({"sources": by_source} if by_source else {})}))
         return
-
-    def fmt(value) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
     out.print(f"eval of {path}", highlight=False, markup=False, soft_wrap=True)  # a path never broken mid-word
-    per_rank = {k: v for k, v in metrics.items() if isinstance(v, dict)}  # --ranks: {"rank_b": metrics}
+    per_rank = {k.removeprefix("rank_"): v for k, v in metrics.items() if isinstance(v, dict)}  # --ranks
     if per_rank:
-        names = list(next(iter(per_rank.values())))
-        table = Table(title="held-out metrics by rank")
-        table.add_column("rank")
-        for name in names:
-            table.add_column(name, justify="right")
-        for key, values in per_rank.items():
-            table.add_row(key.removeprefix("rank_"), *(fmt(values.get(n)) for n in names))
-        out.print(table)
+        out.print(_metrics_table("held-out metrics by rank", "rank", per_rank))
         return
     table = Table(title="held-out metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, fmt(value))
+        table.add_row(key, _fmt(value))
     out.print(table)
+    if by_source:
+        out.print(_metrics_table("held-out metrics by source", "source", by_source))
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _metrics_table(title: str, first: str, rows: dict[str, dict]) -> Table:
+    """One row per key of ``rows`` (a rank, a source), one column per metric."""
+    names = list(next(iter(rows.values())))
+    table = Table(title=title)
+    table.add_column(first)
+    for name in names:
+        table.add_column(name, justify="right")
+    for key, values in rows.items():
+        table.add_row(key, *(_fmt(values.get(n)) for n in names))
+    return table
 
 
 @app.command()

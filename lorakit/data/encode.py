@@ -41,6 +41,13 @@ class DataBundle:
     pad_token_id: int = 0
     stats: dict = field(default_factory=dict)
 
+    def eval_by_source(self) -> dict[str, datasets.Dataset]:
+        """A mix's held-out rows of each source, in ``data.sources`` order; {} for one source."""
+        out, start = {}, 0
+        for name, count in self.stats.get("eval_sources", {}).items():
+            out[name], start = self.eval.select(range(start, start + count)), start + count
+        return out
+
 
 # ---- token helpers -------------------------------------------------------------------------------
 def _ids(out) -> list[int]:

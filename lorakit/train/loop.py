@@ -176,17 +176,17 @@ class Trainer:
                          new_graph_step=self.cuda_graphs)  # a new iteration: graph outputs may be overwritten
         return out.summed / (num_items or out.items)
 
-    def evaluate(self, **options) -> dict:
-        """Held-out metrics (:func:`lorakit.evaluate.evaluate_model`); on several processes each rank
-        evaluates its share of every global eval batch and the sums are all-reduced."""
-        bs = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
-        world = self.world
+    def evaluate(self, rows=None, **options) -> dict:
+        """Held-out metrics (:func:`lorakit.evaluate.evaluate_model`) of ``rows`` (default: the held-out set);
+        on several processes each rank evaluates its share of every global eval batch, sums all-reduced."""
+        bs, world = self.recipe.train.eval_batch_size or self.recipe.train.batch_size, self.world
+        rows = self.data.eval if rows is None else rows
 
         def run_eval() -> dict:
             if world.size == 1:
-                batches = iterate_batches(self.data.eval, self.data.collate, bs, seed=None)
+                batches = iterate_batches(rows, self.data.collate, bs, seed=None)
                 return evaluate_model(self.model, batches, self.task, self.device, self.cross_entropy, self.precision)
-            batches = shared_batches(self.data.eval, self.data.collate, bs, world.rank, world.size)
+            batches = shared_batches(rows, self.data.collate, bs, world.rank, world.size)
             return evaluate_model(self.model, batches, self.task, self.device, self.cross_entropy, self.precision,
                                   reduce=world.all_reduce_sum)
 

@@ -148,6 +148,14 @@ def test_lorakit_train_on_a_mix_then_eval(tmp_path, tiny_world, files):
     assert "share.jsonl" in stored and "source: null" in stored
     evaluated = invoke("eval", tmp_path / "run", "--json")  # the stored recipe loads again: the same 7 held out
     assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads(evaluated.stdout)["eval_examples"] == 7
+    metrics = json.loads(evaluated.stdout)
+    assert metrics["eval_examples"] == 7 and list(metrics["sources"]) == ["chat.jsonl", "share.jsonl"]
+    parts = metrics["sources"].values()
+    assert [m["eval_examples"] for m in parts] == [3, 4]
+    tokens = sum(m["eval_tokens"] for m in parts)  # the whole is the sources together, token-weighted
+    assert tokens == metrics["eval_tokens"]
+    assert sum(m["eval_loss"] * m["eval_tokens"] for m in parts) / tokens == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    table = invoke("eval", tmp_path / "run")
+    assert table.exit_code == 0 and "held-out metrics by source" in table.stdout and "share.jsonl" in table.stdout
     other = invoke("eval", tmp_path / "run", "--data", tiny_world["chat"], "--json")  # --data replaces the mix
     assert other.exit_code == 0 and json.loads(other.stdout)["eval_examples"] == 32, other.output
