@@ -5,8 +5,8 @@ or a row dropped without a word.
   tsv, txt), every JSON line parses to an object (jsonl; json written as lines), a parquet file has
   parquet's magic bytes. The line (and byte) at fault is named.
 - :func:`keep_good_rows`, after the columns are standardized: every chat row is a list of
-  ``{role, content}`` messages with a known role, string content and at least one assistant turn;
-  instruction rows have an instruction and an output; classification rows have a label. The first bad
+  ``{role, content}`` messages with a known role, string content and at least one assistant turn (a
+  ShareGPT row the same in its own terms: :func:`lorakit.data.sharegpt.problem`); instruction rows have an instruction and an output; classification rows have a label. The first bad
   row is named; with ``data.skip_bad_rows`` bad rows are dropped instead and counted.
 """
 
