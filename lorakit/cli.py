@@ -181,7 +181,8 @@ def _metrics_table(title: str, first: str, rows: dict[str, dict]) -> Table:
 def merge(
     run: Path = typer.Argument(..., help="Run folder or checkpoint folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the merged transformers model."),
-    dtype: str = typer.Option("auto", "--dtype", help="Weights dtype: auto (the base's), float32, bfloat16, float16."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weights dtype: auto (the dtype the run trained its base in: "
+                              "bfloat16 for train.precision bf16), float32, bfloat16, float16."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Merge at this rank (methods with a variable rank)."),
     onto: str = typer.Option("dequant", "--onto", help="Quantized base: merge onto dequant (the trained "
                              "4/8-bit weights, exact) or original (the 16/32-bit weights; deviates)."),
@@ -191,10 +192,11 @@ def merge(
     try:
         from lorakit.merge import merge_run
 
-        diff = merge_run(run, output, dtype, console, rank=rank, onto=onto, trust_remote_code=trust_remote_code)
+        diff, saved = merge_run(run, output, dtype, console, rank=rank, onto=onto, trust_remote_code=trust_remote_code)
     except LorakitError as err:
         _fail(err)
-    out.print(f"merged model written to {escape(str(output))}; largest |logit difference| vs the adapter model: {diff:.3g}")
+    out.print(f"merged model written to {escape(str(output))} in {escape(saved)}; largest |logit difference| vs "
+              f"the adapter model: {diff:.3g}", soft_wrap=True)
 
 
 @app.command()

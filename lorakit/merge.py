@@ -23,11 +23,31 @@ from lorakit.evaluate import batch_logits
 from lorakit.models import model_dtype
 from lorakit.precision import cpu_check_overrides, recipe_precision
 from lorakit.quant import dequantize_model, is_quantized_model
-from lorakit.session import Checkpoint, load_run, load_session
+from lorakit.session import Checkpoint, load_run, load_session, run_recipe
 from lorakit.storage import checkpoint as ckpt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ONTO = ("dequant", "original")
+
+
+def merged_dtype(dtype: str, recipe, checkpoint: Path) -> tuple[torch.dtype, str]:
+    """(dtype, why) of the saved weights: ``--dtype`` when not auto, else the dtype the base was trained
+    in, :func:`~lorakit.models.model_dtype` of the run's resolved precision (the adapter file's record,
+    :func:`~lorakit.storage.checkpoint.read_precision`; a recipe's explicit bf16 / fp32 for a checkpoint
+    written before that record; else fp32). Raises LorakitError for an unknown ``dtype``."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise LorakitError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype], "--dtype"
+    trained = ckpt.read_precision(checkpoint)
+    stated = recipe.train.precision if recipe.train.precision != "auto" else None
+    precision = trained or stated or "fp32"
+    target = model_dtype(recipe.model, precision)
+    if recipe.model.dtype != "auto":
+        return target, f"model.dtype {recipe.model.dtype}, as trained"
+    if trained or stated:
+        return target, f"trained in {precision}"
+    return target, "the run's precision is not recorded (train.precision: auto)"
 
 
 def _onto_original(session, path: Path, rank: int | None):
@@ -92,15 +112,17 @@ def load_merged(folder: Path, task: str, trust_remote_code: bool = False) -> tor
 
 
 def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int | None = None,
-              onto: str = "dequant", trust_remote_code: bool = False) -> float:
+              onto: str = "dequant", trust_remote_code: bool = False) -> tuple[float, str]:
     """Merge a run's adapter into its base, save model + tokenizer to ``output`` atomically.
 
-    Over a quantized base the saved model is unquantized (see the module docstring for ``onto``).
-    Returns the largest absolute logit difference between the adapter model and the merged model, as
-    reloaded from ``output`` with ``AutoModelFor…from_pretrained``, on a few held-out batches. Raises LorakitError for a bad dtype or ``onto``, an unmergeable method, an
+    Over a quantized base the saved model is unquantized (see the module docstring for ``onto``); the
+    weights are saved in ``dtype``, auto: the dtype the run trained its base in (:func:`merged_dtype`).
+    Returns (the largest absolute logit difference between the adapter model and the merged model, as
+    reloaded from ``output`` with ``AutoModelFor…from_pretrained``, on a few held-out batches; the saved
+    dtype and why, e.g. ``"bfloat16 (trained in bf16)"``). Raises LorakitError for a bad dtype or ``onto``, an unmergeable method, an
     existing non-empty ``output``, or ``onto="original"`` over a base stored quantized.
     """
-    if dtype != "auto" and dtype not in DTYPES:
+    if dtype != "auto" and dtype not in DTYPES:  # before anything loads
         raise LorakitError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
     if onto not in ONTO:
         raise LorakitError(f"--onto {onto!r}: expected {' or '.join(ONTO)}")
@@ -116,10 +138,10 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
     batches = list(iterate_batches(session.data.eval, session.data.collate, 4, seed=None))[:2]
     precision = recipe_precision(session.recipe, session.device)
     before = batch_logits(session.model, batches, session.device, precision)
-    model, target, quant = session.model, DTYPES.get(dtype), session.recipe.model.quantization
+    model, quant = session.model, session.recipe.model.quantization
+    target, why = merged_dtype(dtype, run_recipe(path, trust_remote_code=trust_remote_code), path)  # not the check's fp32
     base = "the base weights"
     if quant is not None:
-        target = target or model_dtype(session.recipe.model, precision)  # auto: the dtype the base was loaded in
         base = f"dequant(Wq) of the {quant} base (reproduces the adapter model)"
         if onto == "original":
             session.model = model = None  # free the k-bit copy
@@ -143,4 +165,4 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
         console.print("the adapted LM head no longer equals the input embeddings: saved untied "
                       "(tie_word_embeddings: false)")
     console.print(f"merged {escape(str(path))} ({method.name}) onto {escape(base)} into {escape(str(output))}", soft_wrap=True)
-    return diff
+    return diff, f"{str(target).removeprefix('torch.')} ({why})"

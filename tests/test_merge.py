@@ -4,14 +4,19 @@ untied, a resized vocabulary and a trained classification head saved, ``--dtype`
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
 from lorakit.cli import app
-from lorakit.merge import save_merged
+from lorakit.config import recipe_from_dict
+from lorakit.errors import LorakitError
+from lorakit.merge import merged_dtype, save_merged
+from lorakit.storage import checkpoint as ckpt
 from tests.conftest import tiny_inputs
+from tests.helpers_cli import invoke, tiny_recipe, tiny_world, write_recipe  # noqa: F401 (tiny_world: a fixture)
 from tests.methods.harness import make, randomize_adapters
 from tests.test_quant import save_tiny
 
@@ -101,3 +106,46 @@ def test_cli_merge_of_a_run_with_an_adapted_head(tmp_path):
     assert "saved untied" in text
     assert float(text.split("vs the adapter model: ")[1].split()[0]) < 1e-4
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+# ---- the merged dtype follows the precision the run trained in ----------------------------------------
+def fake_checkpoint(folder, precision=None):
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "lorakit", **({"precision": precision} if precision else {})}
+    save_file({"x": torch.zeros(1)}, str(folder / "adapter.safetensors"), metadata=meta)
+    return folder
+
+
+@pytest.mark.parametrize("recorded, train, model_dtype, flag, expected, why", [
+    ("bf16", "auto", "auto", "auto", torch.bfloat16, "trained in bf16"),  # auto resolved to bf16 (a GPU run)
+    ("fp32", "auto", "auto", "auto", torch.float32, "trained in fp32"),
+    (None, "bf16", "auto", "auto", torch.bfloat16, "trained in bf16"),  # written before the record: the recipe's
+    (None, "auto", "auto", "auto", torch.float32, "not recorded"),
+    ("bf16", "auto", "float16", "auto", torch.float16, "model.dtype float16"),
+    ("bf16", "auto", "auto", "float32", torch.float32, "--dtype"),
+])
+def test_merged_dtype(tmp_path, recorded, train, model_dtype, flag, expected, why):
+    recipe = recipe_from_dict({"model": {"dtype": model_dtype}, "train": {"precision": train}})
+    dtype, reason = merged_dtype(flag, recipe, fake_checkpoint(tmp_path / "ck", recorded))
+    assert dtype == expected and why in reason
+
+
+def test_merged_dtype_refuses_a_bad_record(tmp_path):
+    with pytest.raises(LorakitError, match="adapter.safetensors: not a valid lorakit checkpoint file"):
+        merged_dtype("auto", recipe_from_dict({}), fake_checkpoint(tmp_path / "ck", "fp8"))
+
+
+def test_cli_merge_of_a_bf16_run_saves_bfloat16(tiny_world, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_world, tmp_path / "run", train={"precision": "bf16"}))
+    assert invoke("train", recipe).exit_code == 0
+    assert ckpt.read_precision(tmp_path / "run" / "final") == "bf16"
+    assert ckpt.read_precision(tmp_path / "run" / "checkpoints" / "step-000004") == "bf16"
+    result = invoke("merge", tmp_path / "run", "-o", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert "in bfloat16 (trained in bf16)" in " ".join(result.stdout.split())
+    assert {t.dtype for t in load_file(str(tmp_path / "merged" / "model.safetensors")).values()} == {torch.bfloat16}
+    result = invoke("merge", tmp_path / "run", "-o", tmp_path / "merged32", "--dtype", "float32")
+    assert result.exit_code == 0 and "in float32 (--dtype)" in " ".join(result.stdout.split())
+    assert {t.dtype for t in load_file(str(tmp_path / "merged32" / "model.safetensors")).values()} == {torch.float32}

@@ -165,6 +165,18 @@ def _label_record(model: nn.Module, recipe: dict) -> dict[str, str]:
     return {"label_names": json.dumps([id2label[i] for i in sorted(id2label)])}
 
 
+PRECISIONS = ("bf16", "fp32")
+
+
+def read_precision(checkpoint: Path) -> str | None:
+    """The resolved ``train.precision`` (bf16 or fp32) a checkpoint's run trained in, or None (a checkpoint
+    written before it was recorded). Raises LorakitError for an unreadable adapter file or another value."""
+    value = trust.adapter_metadata(Path(checkpoint) / ADAPTER_FILE).get("precision")
+    if value is not None and value not in PRECISIONS:
+        raise LorakitError(f"{Path(checkpoint) / ADAPTER_FILE}: not a valid lorakit checkpoint file (precision {value!r})")
+    return value
+
+
 def read_label_names(checkpoint: Path) -> list[str] | None:
     """The label names a classification checkpoint was trained with, or None (a causal LM, or a
     checkpoint written before they were recorded). Raises LorakitError for an unreadable adapter file."""
@@ -190,18 +202,22 @@ def save_checkpoint(
     world_size: int = 1,
     best: dict | None = None,
     rank_rng: dict[str, torch.Tensor] | None = None,
+    precision: str | None = None,
 ) -> Path:
     """Write a checkpoint folder at ``path`` atomically (temp folder, fsync, rename).
 
     ``optimizer``: the optimizer or its whole state dict; ``tensors``: the adapter tensors when gathered
     already (:func:`adapter_state_dict`); ``world_size``: processes of the run; ``best``: the best-evaluation
     tracker's state (:class:`lorakit.train.keep.BestTracker`); both go to ``trainer.json``; ``rank_rng``:
-    every rank's RNG states (:meth:`lorakit.world.World.gather_rng`), kept as ``rng["ranks"]``."""
+    every rank's RNG states (:meth:`lorakit.world.World.gather_rng`), kept as ``rng["ranks"]``.
+    ``precision``: the resolved ``train.precision`` trained in (bf16 or fp32; ``recipe.yaml`` may only
+    say auto), kept in the adapter file's metadata (:func:`read_precision`; ``merge`` saves in its dtype)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    meta = {"format": "lorakit", **trust.base_record(recipe), **_label_record(model, recipe)}
+    meta = {"format": "lorakit", **trust.base_record(recipe), **_label_record(model, recipe),
+            **({"precision": precision} if precision else {})}
     save_file(adapter_state_dict(model) if tensors is None else tensors, str(tmp / ADAPTER_FILE), metadata=meta)
     (tmp / "method.json").write_text(json.dumps(method.state_dict(), indent=1))
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))

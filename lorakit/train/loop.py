@@ -213,7 +213,7 @@ class Trainer:
         if self.world.is_main:
             ckpt.save_checkpoint(path, self.model, self.method, recipe_to_dict(self.recipe), state, scheduler,
                                  self.step, tensors=tensors, world_size=self.world.size, best=self.best.state_dict(),
-                                 rank_rng=rank_rng)
+                                 rank_rng=rank_rng, precision=self.precision)
             ckpt.mark_latest(self.run_dir, path)
             keep.prune(self)  # train.save_total_limit: rank 0 alone removes
         self.last_checkpoint, self.saved_step = path, self.step
@@ -230,7 +230,7 @@ class Trainer:
         with dist_.unsharded(self.model, self.world):
             if self.world.is_main:
                 ckpt.save_checkpoint(self.run_dir / "final", self.model, self.method,
-                                     recipe_to_dict(self.recipe), tensors=tensors)
+                                     recipe_to_dict(self.recipe), tensors=tensors, precision=self.precision)
                 self._save_peft(self.run_dir / "final" / "peft")
         self.world.barrier()
 
