@@ -20,6 +20,7 @@ from lorakit.data.batches import iterate_batches
 from lorakit.device import model_device
 from lorakit.errors import LorakitError
 from lorakit.evaluate import batch_logits
+from lorakit.files import normal_modes
 from lorakit.models import model_dtype
 from lorakit.precision import cpu_check_overrides, recipe_precision
 from lorakit.quant import dequantize_model, is_quantized_model
@@ -153,6 +154,7 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     untied = save_merged(model, session.tokenizer, tmp, target)
+    normal_modes(tmp)  # save_pretrained's safetensors writes 0600
     session.model = model = None
     mcfg = session.recipe.model
     reloaded = load_merged(tmp, mcfg.task, mcfg.trust_remote_code).to(session.device)  # what users will load

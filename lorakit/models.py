@@ -30,6 +30,7 @@ from lorakit.config import ModelConfig
 from lorakit.device import model_device
 from lorakit.jsonfile import read_json_object
 from lorakit.errors import LorakitError
+from lorakit.files import normal_modes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = {
@@ -67,6 +68,7 @@ def _convert_smollm2() -> Path:
                 del model.config.quantization_config
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            normal_modes(tmp)  # mkdtemp made it 0700, safetensors the weights 0600
             if AutoTokenizer.from_pretrained(tmp).chat_template != tok.chat_template or not tok.chat_template:
                 raise LorakitError("SmolLM2 conversion: the chat template did not survive save_pretrained")
         try:

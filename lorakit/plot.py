@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from lorakit.errors import LorakitError
+from lorakit.files import normal_modes
 
 PNG = "curves.png"
 EVAL_KEYS = ("eval_loss", "accuracy", "macro_f1")  # drawn when present; perplexity is exp(eval_loss)
@@ -82,7 +83,7 @@ def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
-    os.chmod(tmp, 0o644)
+    normal_modes(tmp)
     os.replace(tmp, path)
     return path
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from lorakit import plot
 from lorakit.cli import app
 from lorakit.errors import LorakitError
+from lorakit.files import current_umask
 from tests.tiny_run import tiny_recipe, tiny_world, write_recipe  # noqa: F401
 
 
@@ -41,7 +42,7 @@ def test_plot_run_draws_a_png_readable_by_all(tmp_path, classification):
     path = plot.plot_run(fake_run(tmp_path / "a", classification=classification))
     assert path == tmp_path / "a" / "curves.png"
     assert is_png(path, 1000 if not classification else 1600)  # 2 panels, or 3 with accuracy / F1
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~current_umask()  # a normal file's mode
 
 
 def test_the_best_loaded_and_an_early_stop_are_marked(tmp_path):

@@ -30,6 +30,7 @@ from torch import nn
 from lorakit import trust
 from lorakit.errors import LorakitError
 from lorakit.faults import kill_point
+from lorakit.files import normal_modes
 from lorakit.methods import AdapterLayer
 
 ADAPTER_FILE = trust.ADAPTER_FILE
@@ -232,6 +233,7 @@ def save_checkpoint(
         torch.save(state, tmp / "trainer_state.pt")
         best_state = {} if best is None else {"best": best}
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "world_size": world_size, **best_state}))
+    normal_modes(tmp)  # safetensors writes 0600
     _fsync_dir(tmp)
     kill_point(f"save:{path.name}:written")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -15,6 +15,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
+from lorakit.files import normal_modes
+
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
 
 
@@ -61,6 +63,7 @@ def write_peft_folder(output: Path, model: nn.Module, method, recipe, base_model
     (tmp / "README.md").write_text(usage(config, model, recipe, method))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    normal_modes(tmp)  # safetensors writes 0600
     if output.exists():
         shutil.rmtree(output)
     os.replace(tmp, output)
