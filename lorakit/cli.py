@@ -253,21 +253,23 @@ def export(
     rank: Optional[int] = typer.Option(None, "--rank", help="Export at this rank (methods with a variable rank)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="base_model_name_or_path to record "
                                              "(default: the recipe's base; built-ins: lorakit's cached copy)."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Load the export with peft and compare logits."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Reload the export with lorakit, and with "
+                               "PEFT when installed, and compare logits with the run's model."),
     trust_remote_code: bool = TRUST,
 ) -> None:
-    """Write the adapter in PEFT's format, loadable by peft, transformers and vLLM (checked)."""
+    """Write the adapter in PEFT's format, loadable by peft, transformers and vLLM; check it by reloading
+    it (with lorakit, and with PEFT when installed: pip install 'lorakit[peft]')."""
     try:
         if fmt != "peft":
             raise LorakitError(f"--format {fmt!r}: expected peft")
         from lorakit.export import export_run
 
-        diff = export_run(run, output, console, rank=rank, base_model=base_model, check=check,
-                          trust_remote_code=trust_remote_code)
+        report = export_run(run, output, console, rank=rank, base_model=base_model, check=check,
+                            trust_remote_code=trust_remote_code)
     except LorakitError as err:
         _fail(err)
-    tail = "" if diff is None else f"; largest |logit difference| vs PEFT: {diff:.3g}"
-    out.print(f"PEFT adapter written to {escape(str(output))}{tail}")
+    for line in report.lines():
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 MAX_NEW = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per reply.")

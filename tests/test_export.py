@@ -2,6 +2,7 @@
 ``peft.AutoPeftModel*.from_pretrained`` loads onto the saved tiny base and that gives lorakit's logits."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from lorakit.cli import app
 from lorakit.config import ModelConfig, recipe_from_dict
+from lorakit.export import ExportReport
 from lorakit.methods.peft_export import export_lora_family, peft_target_modules
 from lorakit.storage.peft import write_peft_folder
 from lorakit.methods.base import Method
@@ -177,12 +179,26 @@ def test_training_writes_final_peft_folder(run):
     assert (run / "final" / "peft" / "adapter_model.safetensors").is_file()
 
 
-def test_cli_export_checks_against_peft(run, tmp_path):
+def check_line(result) -> str:
+    """The export's second stdout line (what was compared), after one line saying what was written."""
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("PEFT adapter (dylora) written to ") and "```" not in result.output
+    assert "written" not in result.stderr
+    return lines[1]
+
+
+def diffs(line: str) -> dict[str, float]:
+    return {who: float(line.split(who)[1].split(":")[1].split(";")[0]) for who in ("reloaded by lorakit", "loaded by PEFT")
+            if who in line}
+
+
+def test_cli_export_checks_with_lorakit_and_peft(run, tmp_path):
     result = CliRunner().invoke(app, ["export", str(run), "--format", "peft", "--rank", "2", "-o", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())
-    diff = float(text.split("largest |logit difference| vs PEFT: ")[1].split()[0])
-    assert diff < 1e-4
+    line = check_line(result)
+    assert line.startswith("largest |logit difference| to lorakit's model on ")
+    found = diffs(line)
+    assert set(found) == {"reloaded by lorakit", "loaded by PEFT"} and max(found.values()) < 1e-4
     assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["r"] == 2
     assert (tmp_path / "p" / "tokenizer.json").is_file()
     again = CliRunner().invoke(app, ["export", str(run), "-o", str(tmp_path / "p")])
@@ -196,3 +212,34 @@ def test_cli_export_without_peft_equivalent_points_to_merge(run, tmp_path, monke
     result = CliRunner().invoke(app, ["export", str(run), "-o", str(tmp_path / "none")])
     assert result.exit_code == 1 and "no faithful PEFT equivalent" in result.output
     assert "lorakit merge" in " ".join(result.output.split()) and not (tmp_path / "none").exists()
+
+
+def test_cli_export_without_peft_says_so_and_still_reloads(run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
+    result = CliRunner().invoke(app, ["export", str(run), "--rank", "2", "-o", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    line = check_line(result)
+    assert "not checked against PEFT (peft is not installed; pip install 'lorakit[peft]' to check)" in line
+    assert set(diffs(line)) == {"reloaded by lorakit"} and diffs(line)["reloaded by lorakit"] < 1e-4
+
+
+def test_cli_export_check_sees_a_wrong_export(run, tmp_path, monkeypatch):
+    from lorakit import export
+
+    def wrong(output, *args, **kwargs):  # an exporter bug: lora_alpha written 4x too large
+        written = write_peft_folder(output, *args, **kwargs)
+        config = json.loads((output / "adapter_config.json").read_text())
+        (output / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 4 * config["lora_alpha"]}))
+        return written
+
+    monkeypatch.setattr(export, "write_peft_folder", wrong)
+    result = CliRunner().invoke(app, ["export", str(run), "--rank", "2", "-o", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert min(diffs(check_line(result)).values()) > 1e-3
+
+
+def test_export_report_never_says_checked_when_nothing_was_compared(tmp_path):
+    report = ExportReport(tmp_path, "vera", "base", checked=True, examples=8,
+                          lorakit_note="lorakit reads back only LoRA and DoRA folders", peft_note="peft is not installed")
+    assert report.lines()[1].startswith("not checked: not reloaded by lorakit")
+    assert ExportReport(tmp_path, "lora", "base").lines()[1] == "not checked (--no-check)"
