@@ -37,6 +37,8 @@ def read_run(run_dir: Path) -> dict:
     object with an integer ``step``). A summary.json that cannot be read is left out."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise LorakitError(f"no such folder: {run_dir}" if not run_dir.exists() else f"{run_dir}: not a folder")
     if not path.is_file():
         raise LorakitError(f"{run_dir}: no metrics.jsonl (not a lorakit run folder, or nothing logged yet)")
     train, evals = [], []

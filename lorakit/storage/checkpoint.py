@@ -398,10 +398,13 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
     """A checkpoint folder from a checkpoint path or a run folder (its ``final``, else its latest).
 
     Raises:
-        NoCheckpoint: no checkpoint there.
+        NoCheckpoint: no such folder, or no checkpoint in it.
         LorakitError: a checkpoint that points outside the run folder.
     """
     path = Path(run_or_checkpoint)
+    if not path.is_dir():
+        raise NoCheckpoint(f"{path}: not a folder (a run folder or checkpoint folder was expected)" if path.exists()
+                           else f"no such folder: {path}")
     if (path / ADAPTER_FILE).is_file():
         trust.check_checkpoint_files(path, path)
         return path

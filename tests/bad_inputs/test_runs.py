@@ -193,8 +193,11 @@ ARGS = [
     ("eval-data-missing", ["eval", "{run}", "--data", "{tmp}/nope.jsonl"], 1, "nope.jsonl"),
     ("eval-data-broken", ["eval", "{run}", "--data", "{broken}"], 1, ("broken.jsonl", "line 2")),
     ("eval-not-a-run", ["eval", "{tmp}/empty"], 1, "not a lorakit run folder"),
-    ("eval-missing-folder", ["eval", "{tmp}/nowhere"], 1, "not a lorakit run folder"),
-    ("eval-a-file", ["eval", "{broken}"], 1, "not a lorakit run folder"),
+    ("eval-missing-folder", ["eval", "{tmp}/nowhere"], 1, ("no such folder: ", "/nowhere")),
+    ("merge-missing-folder", ["merge", "{tmp}/nowhere", "--output", "{out}"], 1, ("no such folder: ", "/nowhere")),
+    ("export-missing-folder", ["export", "{tmp}/nowhere", "--output", "{out}"], 1, ("no such folder: ", "/nowhere")),
+    ("plot-missing-folder", ["plot", "{tmp}/nowhere"], 1, ("no such folder: ", "/nowhere")),
+    ("eval-a-file", ["eval", "{broken}"], 1, ("broken.jsonl: not a folder", "run folder or checkpoint folder")),
     ("generate-no-prompt-target", ["generate", "{tmp}/nowhere", "-p", "hi"], 1, "nowhere"),
 ]
 
