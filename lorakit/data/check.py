@@ -28,6 +28,28 @@ def _where(source: str, path: Path) -> str:
     return f"data.source '{source}'" + ("" if Path(source).expanduser() == path else f" ({path.name})")
 
 
+PLAIN_JSON = {  # json's messages, said plainly
+    "Expecting value": "a value is missing",
+    "Expecting ',' delimiter": "a ',' is missing",
+    "Expecting ':' delimiter": "a ':' is missing",
+    "Expecting property name enclosed in double quotes": "a key is not in double quotes",
+    "Unterminated string starting at": "a string is not closed",
+    "Invalid control character at": "a raw tab or line break inside a string (write \\t or \\n)",
+    "Extra data": "more text after the JSON value ends",
+}
+
+
+def json_problem(err: json.JSONDecodeError, unit: str = "line") -> str:
+    """What is wrong with a JSON text (one ``unit``: a line, a file), plainly, from json's error: a text
+    that ends inside its value says so (cut off); else the fault, its column (and line, for a text of
+    several lines) and the text around it."""
+    plain = PLAIN_JSON.get(err.msg, err.msg)
+    if not err.doc[err.pos:].strip() or err.msg.startswith("Unterminated string"):  # ends inside the value
+        return f"the {unit} ends before its JSON value is complete (cut off?)"
+    where = f"line {err.lineno}, column {err.colno}" if "\n" in err.doc.rstrip("\r\n") else f"column {err.colno}"
+    return f"{plain} at {where} (near {err.doc[max(0, err.pos - 10):err.pos + 10].strip()!r})"
+
+
 def _check_line(where: str, number: int, line: bytes, json_lines: bool) -> None:
     try:
         text = line.decode("utf-8")
@@ -36,9 +58,9 @@ def _check_line(where: str, number: int, line: bytes, json_lines: bool) -> None:
                            "file as UTF-8") from None
     if json_lines and text.strip():
         try:
-            value = json.loads(text)
+            value = json.loads(text.rstrip("\r\n"))  # the line's end is not part of its JSON
         except json.JSONDecodeError as err:
-            raise LorakitError(f"{where}: line {number} is not valid JSON ({err.msg} at column {err.colno})") from None
+            raise LorakitError(f"{where}: line {number} is not valid JSON: {json_problem(err)}") from None
         if not isinstance(value, dict):
             raise LorakitError(f"{where}: line {number} is a JSON {type(value).__name__}; each line must be "
                                'one object, e.g. {"text": "..."}')
@@ -87,7 +109,7 @@ def check_file(source: str, path: Path) -> None:
         try:
             json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise LorakitError(f"{where}: not valid JSON ({err.msg} on line {err.lineno}, column {err.colno})") from None
+            raise LorakitError(f"{where}: not valid JSON: {json_problem(err, 'file')}") from None
 
 
 def _chat_problem(messages) -> str | None:

@@ -28,6 +28,26 @@ def test_the_line_at_fault_is_named(tmp_path, name, content, message):
         check_file("src", tmp_path / name)
 
 
+@pytest.mark.parametrize("content, said", [
+    (b'{"text": "a"}\n{"text": "b"\n', "line 2 is not valid JSON: the line ends before its JSON value is complete (cut off?)"),
+    (b'{"messages": [{"role": "user", "content": "What is th\n', "line 1 is not valid JSON: the line ends before"),
+    (b'{"text": "b" "x": 1}\n', "line 1 is not valid JSON: a ',' is missing at column 14 (near 'ext\": \"b\" \"x\": 1}')"),
+    (b'{"text": "a\tb"}\n', "line 1 is not valid JSON: a raw tab or line break inside a string"),
+])
+def test_a_broken_json_line_is_said_plainly(tmp_path, content, said):
+    (tmp_path / "a.jsonl").write_bytes(content)
+    with pytest.raises(LorakitError) as err:
+        check_file(str(tmp_path / "a.jsonl"), tmp_path / "a.jsonl")
+    assert str(err.value).startswith(f"data.source '{tmp_path / 'a.jsonl'}': ") and said in str(err.value)
+    assert "column 1 " not in str(err.value) and "at at" not in str(err.value)
+
+
+def test_a_cut_off_json_document_is_said_plainly(tmp_path):
+    (tmp_path / "a.json").write_text('[{"text": "a"},\n {"text": "b"')
+    with pytest.raises(LorakitError, match=r"a.json': not valid JSON: the file ends before its JSON value is complete"):
+        check_file(str(tmp_path / "a.json"), tmp_path / "a.json")
+
+
 def test_row_problems():
     assert row_problem("chat", {"messages": OK}) is None
     assert "role is 'bot'" in row_problem("chat", {"messages": [OK[0], {"role": "bot", "content": "x"}]})
