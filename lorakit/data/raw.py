@@ -178,35 +178,36 @@ def load_source(cfg: DataConfig) -> tuple[Dataset, bool]:
 CHAT_COLUMNS = {"chat": "messages", "sharegpt": "conversations"}  # the column when data.messages_field is null
 
 
-def _conversation_format(ds: Dataset, fields: dict[str, str | None]) -> tuple[str, str] | None:
+def _conversation_format(ds: Dataset, fields: dict[str, str | None], where: str) -> tuple[str, str] | None:
     """(chat | sharegpt, column) for ``format: auto`` from the conversation column and its turns' keys
     (:func:`lorakit.data.sharegpt.turn_style`); None when there is no conversation column."""
     columns = ds.column_names
     found = [c for c in ([fields["messages"]] if fields["messages"] else CHAT_COLUMNS.values()) if c in columns]
     if len(found) > 1:
-        raise LorakitError(f"data.format auto: both {' and '.join(map(repr, found))} columns; set "
+        raise LorakitError(f"{where}data.format auto: both {' and '.join(map(repr, found))} columns; set "
                            "data.messages_field to the one holding the conversations")
     if not found:
         return None
     style = sharegpt.turn_style(ds.select(range(min(len(ds), sharegpt.PROBE_ROWS)))[found[0]])
     if style == "mixed":
-        raise LorakitError(f"data.messages_field '{found[0]}' has {{role, content}} and {{from, value}} turns; "
-                           "set data.format to chat or sharegpt")
+        raise LorakitError(f"{where}data.messages_field '{found[0]}' has {{role, content}} and {{from, value}} "
+                           "turns; set data.format to chat or sharegpt")
     return style or ("sharegpt" if found[0] == "conversations" else "chat"), found[0]
 
 
-def resolve_format(fmt: str, ds: Dataset, fields: dict[str, str | None], task: str) -> str:
+def resolve_format(fmt: str, ds: Dataset, fields: dict[str, str | None], task: str, source: str) -> str:
     """``cfg.format`` with ``auto`` resolved from the columns (and a conversation's turns: ``{role,
     content}`` → chat, ``{from, value}`` → sharegpt); ``fields["messages"]`` is set to the conversation
-    column of chat / sharegpt. Raises LorakitError naming a missing field."""
+    column of chat / sharegpt. Raises LorakitError naming ``source`` and a missing field."""
     columns = list(ds.column_names)
     cols = f"[{', '.join(columns)}]"
+    where = f"data.source '{source}': "
     if task == "seq_cls" and fmt not in ("auto", "classification"):
         raise LorakitError(f"data.format '{fmt}' needs model.task causal_lm (seq_cls takes classification data)")
     if fmt == "classification" and task != "seq_cls":
         raise LorakitError("data.format 'classification' needs model.task seq_cls")
     if fmt == "auto":
-        conversation = _conversation_format(ds, fields) if task != "seq_cls" else None
+        conversation = _conversation_format(ds, fields, where) if task != "seq_cls" else None
         if task == "seq_cls":
             fmt = "classification"
         elif conversation is not None:
@@ -218,7 +219,7 @@ def resolve_format(fmt: str, ds: Dataset, fields: dict[str, str | None], task: s
         else:
             chat = f"'{fields['messages']}'" if fields["messages"] else "'messages' / 'conversations'"
             raise LorakitError(
-                f"data.text_field '{fields['text']}' not in columns {cols} (data.format auto looks for "
+                f"{where}data.text_field '{fields['text']}' not in columns {cols} (data.format auto looks for "
                 f"{chat} → chat / sharegpt, 'instruction'+'output' → instruction, '{fields['text']}' → text)"
             )
     if fmt in CHAT_COLUMNS and not fields["messages"]:  # the format's own column, else the other one the data has
@@ -233,7 +234,7 @@ def resolve_format(fmt: str, ds: Dataset, fields: dict[str, str | None], task: s
     }[fmt]
     for what, name in needed:
         if name not in columns:
-            raise LorakitError(f"{what} '{name}' not in columns {cols} (data.format {fmt})")
+            raise LorakitError(f"{where}{what} '{name}' not in columns {cols} (data.format {fmt})")
     return fmt
 
 
@@ -350,7 +351,7 @@ def load_one(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False
     ds, builtin = load_source(cfg)
     fields = {"text": "text", "label": "label", "messages": "messages"} if builtin else \
         {"text": cfg.text_field, "label": cfg.label_field, "messages": cfg.messages_field}
-    fmt = resolve_format(cfg.format, ds, fields, task)
+    fmt = resolve_format(cfg.format, ds, fields, task, cfg.source)
     if cfg.packing and fmt == "classification":
         raise LorakitError("data.packing needs model.task causal_lm (it does not apply to classification)")
     with quiet_datasets():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import datasets
@@ -65,12 +66,15 @@ def test_custom_field_names(tmp_path):
 
 def test_missing_column_errors(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"content": "x", "tag": "a"}] * 4)
-    with pytest.raises(LorakitError, match=r"data.text_field 'body' not in columns \[content, tag\]"):
+    named = re.escape(f"data.source '{path}': ")  # the file is named
+    with pytest.raises(LorakitError, match=named + r"data.text_field 'body' not in columns \[content, tag\]"):
         load_raw(cfg(path, text_field="body"), "causal_lm", 0)
-    with pytest.raises(LorakitError, match=r"data.label_field 'label' not in columns"):
+    with pytest.raises(LorakitError, match=named + r"data.label_field 'label' not in columns"):
         load_raw(cfg(path, text_field="content"), "seq_cls", 0)
-    with pytest.raises(LorakitError, match=r"data.messages_field 'messages' not in columns"):
+    with pytest.raises(LorakitError, match=named + r"data.messages_field 'messages' not in columns"):
         load_raw(cfg(path, format="chat"), "causal_lm", 0)
+    with pytest.raises(LorakitError, match=named + r"instruction column 'instruction' not in columns"):
+        load_raw(cfg(path, format="instruction"), "causal_lm", 0)
 
 
 def test_unknown_source_errors(tmp_path, monkeypatch):
