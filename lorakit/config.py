@@ -95,7 +95,7 @@ class DataConfig(Section):
         "together); null: no cap")
     packing: bool = Field(False, description="pack short examples into full rows (no attention across examples)")
     skip_bad_rows: bool = Field(False, description=
-        "leave out malformed rows (chat messages, empty instruction/output, missing label) and print how many; "
+        "leave out malformed rows (chat messages, empty instruction/output/text, missing label) and print how many; "
         "false: the first one is an error naming it")
 
     @model_validator(mode="before")

@@ -6,7 +6,9 @@ or a row dropped without a word.
   parquet's magic bytes. The line (and byte) at fault is named.
 - :func:`keep_good_rows`, after the columns are standardized: every chat row is a list of
   ``{role, content}`` messages with a known role, string content and at least one assistant turn (a
-  ShareGPT row the same in its own terms: :func:`lorakit.data.sharegpt.problem`); instruction rows have an instruction and an output; classification rows have a label. The first bad
+  ShareGPT row the same in its own terms: :func:`lorakit.data.sharegpt.problem`); instruction rows have
+  an instruction and an output; text and classification rows have text, classification rows a label (a
+  .txt file's blank lines are not rows: :func:`drop_blank_lines`). The first bad
   row is named; with ``data.skip_bad_rows`` bad rows are dropped instead and counted.
 """
 
@@ -135,6 +137,10 @@ def row_problem(fmt: str, row: dict) -> str | None:
         return _chat_problem(row["messages"])
     if fmt == "sharegpt":
         return sharegpt.problem(row["conversations"], row.get("system"))
+    if fmt in ("text", "classification") and (not isinstance(row.get("text"), str) or not row["text"].strip()):
+        text = row.get("text")
+        return f"text is {'empty' if isinstance(text, str) else 'missing' if text is None else type(text).__name__}; " \
+               "expected text"
     if fmt == "instruction":
         for key in ("instruction", "output"):
             if not isinstance(row.get(key), str) or not row[key].strip():
@@ -144,13 +150,16 @@ def row_problem(fmt: str, row: dict) -> str | None:
     return None
 
 
+def drop_blank_lines(ds: Dataset) -> Dataset:
+    """A .txt source's rows without its blank lines (paragraph breaks in a text file, not rows of data)."""
+    return ds.filter(lambda r: bool(r["text"].strip()))
+
+
 def keep_good_rows(ds: Dataset, fmt: str, source: str, skip: bool, notes: list[str]) -> Dataset:
     """``ds`` when every row is good; with ``skip`` the good rows (the count of the others appended to
     ``notes``, which the caller prints).
 
     Raises LorakitError naming the first bad row (counted from 1) and what was expected."""
-    if fmt == "text":
-        return ds
     bad = [(i, problem) for i, row in enumerate(ds) if (problem := row_problem(fmt, row)) is not None]
     if not bad:
         return ds

@@ -21,7 +21,7 @@ from datasets import ClassLabel, Dataset, Features, Value
 
 from lorakit.config import DataConfig
 from lorakit.data import sharegpt
-from lorakit.data.check import check_file, keep_good_rows
+from lorakit.data.check import check_file, drop_blank_lines, keep_good_rows
 from lorakit.errors import LorakitError
 
 BUILTINS = ("chatterbot", "bbc-news", "bbc-news-text")
@@ -132,7 +132,8 @@ def _load_local(source: str, path: Path) -> Dataset:
     kwargs = {"delimiter": "\t"} if all(p.suffix.lower() == ".tsv" for p in files) else {}
     try:
         with quiet_datasets():
-            return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+            ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+            return drop_blank_lines(ds) if builder == "text" else ds
     except Exception as err:  # noqa: BLE001 - any reader error is the user's file
         raise LorakitError(f"data.source '{source}': could not read it as {builder}: {_one_line(err)}") from None
 
@@ -250,8 +251,8 @@ def standardize(ds: Dataset, fmt: str, fields: dict[str, str], cfg: DataConfig,
                 known: list[str] | None = None) -> tuple[Dataset, list[str] | None]:
     """Rename/select the columns of ``fmt`` to their standard names, check every row
     (:func:`lorakit.data.check.keep_good_rows`: the first bad one is an error unless
-    ``cfg.skip_bad_rows``; what was skipped goes to ``notes``), drop empty texts, encode labels (at least
-    two classes to train on; one is enough ``for_eval``)."""
+    ``cfg.skip_bad_rows``; what was skipped goes to ``notes``; an empty text is a bad row), encode labels
+    (at least two classes to train on; one is enough ``for_eval``)."""
     if fmt == "sharegpt":  # checked as ShareGPT (naming its turns), then converted to chat messages
         system = ["system"] if "system" in ds.column_names and fields["messages"] != "system" else []
         ds = ds.select_columns([fields["messages"], *system])
@@ -276,10 +277,9 @@ def standardize(ds: Dataset, fmt: str, fields: dict[str, str], cfg: DataConfig,
     ds = ds.select_columns([fields["text"]] + ([fields["label"]] if fmt == "classification" else []))
     renames = {fields["text"]: "text", fields["label"]: "label"}
     ds = ds.rename_columns({k: v for k, v in renames.items() if k in ds.column_names and k != v})
-    ds = ds.filter(lambda r: isinstance(r["text"], str) and bool(r["text"].strip()))
+    ds = keep_good_rows(ds, fmt, cfg.source, cfg.skip_bad_rows, notes)  # empty text included
     if fmt == "text":
         return ds, None
-    ds = keep_good_rows(ds, fmt, cfg.source, cfg.skip_bad_rows, notes)
     ds, names = _encode_labels(ds, fields["label"], known)
     if not for_eval and (len(names) < 2 or len(set(ds["label"])) < 2):
         seen = sorted({names[i] for i in ds["label"]})

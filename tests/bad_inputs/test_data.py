@@ -51,6 +51,10 @@ FILES = [
     ("ragged-csv", "d.csv", 'text,label\n"w1 w2",a\n"w3",b,c,d\n', {"format": "text"}, 1, "d.csv"),
     ("unsupported-type", "d.xlsx", "PK", {}, 1, ("d.xlsx", "unsupported")),
     ("one-example", "d.jsonl", jsonl(TEXTS[:1]), {"format": "text"}, 1, ("1 usable", "at least 2")),
+    ("text-empty", "d.jsonl", jsonl(TEXTS[:3] + [{"text": " "}] + TEXTS[3:]), {"format": "text"}, 1,
+     ("d.jsonl", "row 4: text is empty", "skip_bad_rows")),
+    ("text-null", "d.jsonl", jsonl(TEXTS[:3] + [{"text": None}] + TEXTS[3:]), {"format": "text"}, 1,
+     ("row 4: text is missing", "skip_bad_rows")),
     ("text-field-missing", "d.jsonl", jsonl([{"body": "w1 w2"}] * 4), {"format": "text"}, 1,
      ("data.text_field", "[body]")),
     ("chat-field-missing", "d.jsonl", jsonl(TEXTS), {"format": "chat"}, 1, "data.messages_field"),
@@ -110,6 +114,8 @@ CLASSES = [
     ("negative-label", [{"text": "w1", "label": -1}, {"text": "w2", "label": 1}] * 3, "label"),
     ("missing-label", [{"text": "w1", "label": "a"}, {"text": "w2", "label": None}, {"text": "w3", "label": "b"}] * 2,
      ("row 2", "label")),
+    ("empty-text", [{"text": "w1", "label": "a"}, {"text": "", "label": "b"}, {"text": "w3", "label": "b"}] * 2,
+     ("row 2", "text is empty")),
 ]
 
 

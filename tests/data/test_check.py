@@ -56,6 +56,16 @@ def test_row_problems():
     assert row_problem("classification", {"text": "x", "label": None}) == "label is missing"
 
 
+def test_empty_text_is_a_bad_row_counted_when_skipped():
+    ds = Dataset.from_dict({"text": ["a b", "", "c d", "  "]})
+    with pytest.raises(LorakitError, match=r"row 2: text is empty; expected text \(2 bad rows of 4\)"):
+        keep_good_rows(ds, "text", "src", skip=False, notes=[])
+    notes = []
+    assert keep_good_rows(ds, "text", "src", skip=True, notes=notes)["text"] == ["a b", "c d"]
+    assert notes and notes[0].startswith("data.source 'src': skipped 2 bad rows of 4")
+    assert row_problem("classification", {"text": None, "label": 1}) == "text is missing; expected text"
+
+
 def test_bad_rows_are_an_error_unless_skipped_and_counted():
     ds = Dataset.from_dict({"messages": [OK, OK[:1], OK, OK[:1]]})
     with pytest.raises(LorakitError, match=r"row 2: no assistant message.*\(2 bad rows of 4\)"):
