@@ -153,6 +153,8 @@ def load_session(recipe: Recipe, weights: WeightSource = None, console: Console 
     torch.manual_seed(recipe.train.seed)
     model, tokenizer = load_base(recipe, labels, trust_remote_code)
     data = tokenize(raw, recipe.data, tokenizer, task) if raw is not None else None
+    for note in data.notes if data is not None and console is not None else []:  # answers truncated away
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
     method = build_method(recipe.method)
     method.attach(model, task)
     _load_weights(model, method, weights, console)

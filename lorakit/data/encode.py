@@ -10,7 +10,6 @@ the character offsets of the rendered text are used instead.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -21,8 +20,6 @@ from lorakit.config import DataConfig
 from lorakit.data.collate import IGNORE, Collator, pack
 from lorakit.data.raw import RawData, clean_messages, map_batches
 from lorakit.errors import LorakitError
-
-log = logging.getLogger("lorakit.data")
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 NUM_SAMPLES = 3
@@ -40,6 +37,7 @@ class DataBundle:
     packed: bool = False  # train rows are packed: call the model with use_cache=False
     pad_token_id: int = 0
     stats: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what tokenizing left out, for one console line each
 
     def eval_by_source(self) -> dict[str, datasets.Dataset]:
         """A mix's held-out rows of each source, in ``data.sources`` order; {} for one source."""
@@ -249,9 +247,12 @@ def tokenize(raw: RawData, cfg: DataConfig, tokenizer, task: str) -> DataBundle:
              "dropped": sum(len(p.train) + len(p.eval) for p in parts) - len(train) - len(held)}
     if raw.parts:
         stats["eval_sources"] = {part.name: len(h) for part, h in zip(parts, helds, strict=True)}
+    notes = []
     if stats["dropped"]:
-        log.warning("%d examples had no answer tokens left after truncation to %d and were dropped",
-                    stats["dropped"], cfg.max_seq_length)
+        n_train, n_eval = sum(len(p.train) for p in parts), sum(len(p.eval) for p in parts)
+        notes.append(f"data: left out {stats['dropped']} of {n_train + n_eval} examples ({n_train - len(train)} "
+                     f"training, {n_eval - len(held)} held-out) whose answer data.max_seq_length={cfg.max_seq_length} "
+                     "cut off entirely (no answer token left to learn); a larger data.max_seq_length keeps them")
     if (len(train) == 0 and any(len(p.train) for p in parts)) or len(held) == 0:  # no train rows: evaluation only
         raise LorakitError(f"data: no {'training' if not len(train) else 'held-out'} examples left after "
                            f"tokenizing (answers truncated away? data.max_seq_length={cfg.max_seq_length})")
@@ -264,5 +265,5 @@ def tokenize(raw: RawData, cfg: DataConfig, tokenizer, task: str) -> DataBundle:
     return DataBundle(
         train=train, eval=held, collate=Collator(pad, classification=raw.format == "classification", max_width=cfg.max_seq_length),
         format=raw.format, label_names=raw.label_names, sample_prompts=prompts, sample_references=refs,
-        packed=cfg.packing, pad_token_id=pad, stats=stats,
+        packed=cfg.packing, pad_token_id=pad, stats=stats, notes=notes,
     )

@@ -8,6 +8,7 @@ import torch
 from lorakit.data import load_raw, tokenize
 from lorakit.errors import LorakitError
 from tests.helpers_data import CHAT, write_jsonl, cfg, supervised, make_tiny_tokenizer, tiny_tokenizer  # noqa: F401 - fixture
+from tests.tiny_run import tiny_world  # noqa: F401 - fixture
 
 
 def test_chat_masking_exactly_answers_and_end_of_turn(tmp_path, tiny_tokenizer):
@@ -107,6 +108,8 @@ def test_chat_truncation_drops_examples_without_answer(tmp_path, tiny_tokenizer)
     bundle = tokenize(raw, cfg("x", max_seq_length=30), tiny_tokenizer, "causal_lm")
     # the one-turn chat (29 tokens) fits; the long one's first answer starts after token 30: dropped
     assert bundle.stats["dropped"] == 5 and len(bundle.train) + len(bundle.eval) == 5
+    assert len(bundle.notes) == 1 and bundle.notes[0].startswith("data: left out 5 of 10 examples (")
+    assert "data.max_seq_length=30 cut off entirely" in bundle.notes[0]
     assert all(len(r["input_ids"]) == 29 and r["labels"][-2] == tiny_tokenizer.eos_token_id for r in bundle.train)
     with pytest.raises(LorakitError, match="max_seq_length=5"):
         tokenize(raw, cfg("x", max_seq_length=5), tiny_tokenizer, "causal_lm")
@@ -121,3 +124,15 @@ def test_classification_tokens_and_collate(tmp_path, tiny_tokenizer):
     batch = bundle.collate([bundle.train[i] for i in range(4)])
     assert batch["labels"].dtype == torch.long and batch["labels"].shape == (4,)
     assert batch["attention_mask"].sum(1).tolist() == [len(bundle.train[i]["input_ids"]) for i in range(4)]
+
+
+def test_truncated_answers_are_one_console_line_of_lorakit_train(tmp_path, tiny_world):
+    from tests.helpers_cli import invoke
+    from tests.tiny_run import tiny_recipe, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_world, tmp_path / "run", train={"max_steps": 1},
+                                                           data={"max_seq_length": 26}))
+    result = invoke("train", recipe)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "left out" in line]
+    assert len(lines) == 1 and lines[0].startswith("data: left out 8 of 32 examples (8 training, 0 held-out)")
