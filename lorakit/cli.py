@@ -64,7 +64,7 @@ def train(
 ) -> None:
     """Fine-tune the recipe's model with its adapter method; writes checkpoints and metrics.jsonl.
 
-    Under torchrun (``torchrun --nproc_per_node N -m lorakit train RECIPE``) each process trains its share."""
+    Under torchrun (torchrun --nproc_per_node N -m lorakit train RECIPE) each process trains its share."""
     if overwrite and resume:
         from lorakit.errors import RecipeError
 
@@ -249,7 +249,7 @@ def plot(
 def export(
     run: Path = typer.Argument(..., help="Run folder or checkpoint folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the adapter."),
-    fmt: str = typer.Option("peft", "--format", help="Adapter format: peft (adapter_config.json + adapter_model.safetensors)."),
+    fmt: str = typer.Option("peft", "--format", help="Adapter format: peft (a folder that peft, transformers and vLLM load)."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Export at this rank (methods with a variable rank)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="base_model_name_or_path to record "
                                              "(default: the recipe's base; built-ins: lorakit's cached copy)."),
@@ -258,7 +258,7 @@ def export(
     trust_remote_code: bool = TRUST,
 ) -> None:
     """Write the adapter in PEFT's format, loadable by peft, transformers and vLLM; check it by reloading
-    it (with lorakit, and with PEFT when installed: pip install 'lorakit[peft]')."""
+    it with lorakit, and with PEFT when peft is installed (the peft extra of lorakit)."""
     try:
         if fmt != "peft":
             raise LorakitError(f"--format {fmt!r}: expected peft")

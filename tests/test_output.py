@@ -69,3 +69,14 @@ def test_training_off_a_terminal_prints_plain_lines_and_no_third_party_bars(tiny
     assert "Loading weights" not in text and "it/s]" not in text and "\x1b[" not in text
     shown = subprocess.run([*cli, "eval", str(run)], capture_output=True, text=True, env=env, timeout=300)
     assert f"eval of {run / 'final'}" in shown.stdout  # the path whole, on its own line
+
+
+def test_help_reads_cleanly_at_80_columns():
+    """No reST double backticks, nothing cut with an ellipsis, no [markup] eaten, on every command's help."""
+    from lorakit.cli import app as cli_app
+
+    runner = CliRunner()
+    for name in [None] + [c.name or c.callback.__name__ for c in cli_app.registered_commands]:
+        text = runner.invoke(cli_app, ([name] if name else []) + ["--help"], env={"COLUMNS": "80"}).output
+        assert "``" not in text and "…" not in text, (name, text)
+        assert max(len(line) for line in text.splitlines()) <= 80, name
