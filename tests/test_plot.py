@@ -94,7 +94,10 @@ def test_plot_command(tmp_path):
     one = runner.invoke(app, ["plot", str(a), "-o", str(tmp_path / "a.png")])  # -o changes only the place
     assert one.exit_code == 0 and (tmp_path / "a.png").read_bytes() == (a / "curves.png").read_bytes()
     missing = runner.invoke(app, ["plot", str(tmp_path / "nope")])
-    assert missing.exit_code == 1 and "no metrics.jsonl" in missing.output
+    assert missing.exit_code == 1 and "no such folder: " in missing.output
+    (tmp_path / "nope").mkdir()
+    empty = runner.invoke(app, ["plot", str(tmp_path / "nope")])
+    assert empty.exit_code == 1 and "no metrics.jsonl" in empty.output
 
 
 def test_training_redraws_at_each_checkpoint_and_the_end(tiny_world, tmp_path, monkeypatch):

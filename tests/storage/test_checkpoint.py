@@ -65,8 +65,11 @@ def test_latest_and_resolve(tmp_path):
     ckpt.mark_latest(run, run / "checkpoints" / "step-000001")
     assert ckpt.latest_checkpoint(run).name == "step-000001" and ckpt.resolve_checkpoint(run).name == "step-000001"
     assert ckpt.resolve_checkpoint(second) == second
-    with pytest.raises(ckpt.NoCheckpoint, match="not a lorakit run folder or checkpoint"):
+    with pytest.raises(ckpt.NoCheckpoint, match="no such folder: "):
         ckpt.resolve_checkpoint(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ckpt.NoCheckpoint, match="not a lorakit run folder or checkpoint"):
+        ckpt.resolve_checkpoint(tmp_path / "empty")
 
 
 def test_rewriting_a_checkpoint_replaces_it_whole(tmp_path):
