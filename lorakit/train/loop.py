@@ -244,7 +244,8 @@ class Trainer:
     def speed_summary(self) -> list[str]:
         """What this run computes with, for one line at the start of training (docs/benchmarks.md)."""
         padded = [f"batch widths padded to multiples of {self.padded_to}"] if self.padded_to else []
-        return [f"precision {self.precision}", f"loss {self.cross_entropy}",
+        loss = "cross-entropy over the class logits" if self.task == "seq_cls" else self.cross_entropy  # no LM loss
+        return [f"precision {self.precision}", f"loss {loss}",
                 f"optimizer {optimizer_name(self.recipe.train, self.device)}", *self.levers, *padded]
 
     # ---- the loop -------------------------------------------------------------------------------

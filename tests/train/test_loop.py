@@ -98,6 +98,11 @@ def test_evaluation_alone_does_not_compile(tmp_path):
     assert plain.levers == [] and plain.speed_summary() == ["precision fp32", "loss chunked", "optimizer AdamW"]
 
 
+def test_speed_line_of_a_classifier_names_its_loss(tmp_path):
+    summary = make_trainer(tmp_path, kind="bert").speed_summary()
+    assert summary[1] == "loss cross-entropy over the class logits" and "chunked" not in " ".join(summary)
+
+
 def test_activation_memory_budget_reaches_the_partitioner_of_compiled_layers(tmp_path):
     """``train.activation_memory_budget`` sets torch.compile's partitioner budget when the layers compile
     (reset to the recipe's value by every trainer) and is named as ignored when they do not."""
