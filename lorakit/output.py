@@ -5,6 +5,7 @@ type tags.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -24,18 +25,29 @@ QUIET_ENV = {
 
 
 def quiet_third_party(verbose: bool) -> None:
-    """Silence other libraries' warnings, log lines and progress bars (``verbose``: leave them on).
+    """Silence other libraries' warnings, log lines and progress bars (``verbose``: leave them on); the
+    one place lorakit does so (also for the processes other than rank 0 of a distributed run).
 
-    A variable the user set keeps the user's value."""
+    A variable the user set keeps the user's value. Log records of libraries without a handler of their
+    own (bitsandbytes' kernel notes, which Python's last-resort handler would print) end at a
+    ``NullHandler`` on the root logger."""
     if verbose:
         return
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", module=r"^(?!lorakit)")  # warnings raised outside lorakit
-    if "transformers" in sys.modules:  # imported already (tests): its setting read at import is stale
+    root = logging.getLogger()
+    if not any(isinstance(h, logging.NullHandler) for h in root.handlers):
+        root.addHandler(logging.NullHandler())
+    if "transformers" in sys.modules:  # imported already (tests): the settings read at import are stale
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 class PlainProgress:

@@ -80,3 +80,21 @@ def test_help_reads_cleanly_at_80_columns():
         text = runner.invoke(cli_app, ([name] if name else []) + ["--help"], env={"COLUMNS": "80"}).output
         assert "``" not in text and "…" not in text, (name, text)
         assert max(len(line) for line in text.splitlines()) <= 80, name
+
+
+def test_quiet_silences_other_libraries_log_lines_and_bars(capsys, monkeypatch):
+    import logging
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # as outside pytest (which adds its capture handlers)
+    hf_logging.enable_progress_bar()
+    datasets.enable_progress_bars()
+    logging.getLogger("some.library").warning("Failed to load a kernel")  # Python's last-resort handler
+    assert "Failed to load a kernel" in capsys.readouterr().err
+    output.quiet_third_party(verbose=False)
+    logging.getLogger("some.library").warning("Failed to load a kernel")
+    assert capsys.readouterr().err == ""
+    assert not hf_logging.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()

@@ -15,6 +15,7 @@ from lorakit import plot, track, trust
 from lorakit.config import flat_fields, load_recipe, recipe_to_dict
 from lorakit.errors import Interrupted, LorakitError
 from lorakit.evaluate import generate_samples
+from lorakit.output import quiet_third_party
 from lorakit.precision import recipe_precision
 from lorakit.session import Checkpoint, load_session, parameter_table, recipe_weights
 from lorakit.storage import checkpoint as ckpt, retention
@@ -22,15 +23,6 @@ from lorakit.train.interrupt import StopSignals, Stopped
 from lorakit.train import distributed, keep
 from lorakit.train.loop import Trainer
 from lorakit.world import World
-
-
-def quiet_libraries() -> None:
-    """No progress bars from transformers and datasets (ranks other than 0)."""
-    import datasets
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
 
 
 def _summary_line(metrics: dict) -> str:
@@ -202,7 +194,7 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
     world = world or World()
     if not world.is_main:  # rank 0 alone reports
         console = Console(quiet=True)
-        quiet_libraries()
+        quiet_third_party(verbose=False)  # rank 0 alone shows them (under --verbose)
     recipe = load_recipe(recipe_path, overrides)
     ckpt.check_output_folder(Path(recipe.output_dir), "output_dir")
     for note in recipe.method.set_aside_notes():  # a generic field this method cannot honour
