@@ -159,3 +159,26 @@ def test_lorakit_train_on_a_mix_then_eval(tmp_path, tiny_world, files):
     assert table.exit_code == 0 and "held-out metrics by source" in table.stdout and "share.jsonl" in table.stdout
     other = invoke("eval", tmp_path / "run", "--data", tiny_world["chat"], "--json")  # --data replaces the mix
     assert other.exit_code == 0 and json.loads(other.stdout)["eval_examples"] == 32, other.output
+
+
+def test_a_resumed_mixed_run_ends_where_an_uninterrupted_one_ends(tmp_path, tiny_world, files):
+    """The mix and its order depend on the recipe alone: stopped at step 2 and resumed, the adapter is
+    the one of the run trained straight through."""
+    from safetensors.torch import load_file
+
+    from tests.helpers_cli import invoke, lorakit_process, max_difference
+    from tests.tiny_run import tiny_recipe, write_recipe
+
+    data = {"source": None, "format": "auto", "sources": [tiny_world["chat"], {"source": files["share"], "weight": 2}]}
+    adapters = []
+    for name, stop in (("straight", None), ("resumed", "step:2=INT")):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_recipe(tiny_world, tmp_path / name, data=data,
+                                                                     train={"max_steps": 4, "save_every": 2}))
+        if stop:
+            assert lorakit_process("train", recipe, kill_at=stop).returncode == 130
+            result = invoke("train", recipe, "--resume")
+        else:
+            result = invoke("train", recipe)
+        assert result.exit_code == 0, result.output
+        adapters.append(load_file(tmp_path / name / "final" / "adapter.safetensors"))
+    assert max_difference(*adapters) <= 1e-6
