@@ -263,13 +263,16 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
         trackers.finish()
     seconds = trainer.train_seconds
     console.print(f"after training:  {_summary_line(after)}")
+    by_source = {name: trainer.evaluate(rows) for name, rows in session.data.eval_by_source().items()}  # a mix
+    for name, metrics in by_source.items():
+        console.print(f"  {name}: {_summary_line(metrics)}", markup=False, highlight=False, soft_wrap=True)
     _samples(session, console, "samples after training", world)
     steps_run = trainer.step - start_step
     summary = {"method": recipe.method.name, "recipe": recipe_to_dict(recipe), "before": before, "after": after, "steps": trainer.step,
                "train_seconds": seconds,
                "seconds_per_step": seconds / steps_run if steps_run else None,
                "trainable_parameters": sum(p.numel() for p in session.model.parameters() if p.requires_grad),
-               "world_size": world.size, **keep.summary_record(trainer)}
+               "world_size": world.size, **keep.summary_record(trainer), **({"after_by_source": by_source} if by_source else {})}
     if world.is_main:
         ckpt.write_atomic_text(run_dir / "summary.json", json.dumps(summary, indent=1))
         plot.redraw(run_dir, console)

@@ -144,6 +144,9 @@ def test_lorakit_train_on_a_mix_then_eval(tmp_path, tiny_world, files):
     assert result.exit_code == 0, result.output
     assert ("data: 2 sources, 65 training examples: chat.jsonl 16 of 29 (25%), share.jsonl 49 from 36, repeated "
             "(75%); held out: chat.jsonl 3, share.jsonl 4") in result.stderr  # 32 and 40 rows, 10% held out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())  # the end's eval, per source too
+    assert [m["eval_tokens"] for m in summary["after_by_source"].values()] and list(summary["after_by_source"]) == [
+        "chat.jsonl", "share.jsonl"] and "  share.jsonl: eval_loss " in result.stderr
     stored = (tmp_path / "run" / "final" / "recipe.yaml").read_text()
     assert "share.jsonl" in stored and "source: null" in stored
     evaluated = invoke("eval", tmp_path / "run", "--json")  # the stored recipe loads again: the same 7 held out
