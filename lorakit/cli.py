@@ -192,11 +192,13 @@ def merge(
     try:
         from lorakit.merge import merge_run
 
-        diff, saved = merge_run(run, output, dtype, console, rank=rank, onto=onto, trust_remote_code=trust_remote_code)
+        diff, saved, exact = merge_run(run, output, dtype, console, rank=rank, onto=onto,
+                                       trust_remote_code=trust_remote_code)
     except LorakitError as err:
         _fail(err)
+    rounded = "" if exact is None else f" ({exact:.3g} before the weights were rounded to {saved.split()[0]})"
     out.print(f"merged model written to {escape(str(output))} in {escape(saved)}; largest |logit difference| vs "
-              f"the adapter model: {diff:.3g}", soft_wrap=True)
+              f"the adapter model: {diff:.3g}{rounded}", soft_wrap=True)
 
 
 @app.command()

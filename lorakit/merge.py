@@ -112,15 +112,20 @@ def load_merged(folder: Path, task: str, trust_remote_code: bool = False) -> tor
     return auto.from_pretrained(folder, dtype="auto", trust_remote_code=trust_remote_code)
 
 
+def _largest(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(before, after))
+
+
 def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int | None = None,
-              onto: str = "dequant", trust_remote_code: bool = False) -> tuple[float, str]:
+              onto: str = "dequant", trust_remote_code: bool = False) -> tuple[float, str, float | None]:
     """Merge a run's adapter into its base, save model + tokenizer to ``output`` atomically.
 
     Over a quantized base the saved model is unquantized (see the module docstring for ``onto``); the
     weights are saved in ``dtype``, auto: the dtype the run trained its base in (:func:`merged_dtype`).
     Returns (the largest absolute logit difference between the adapter model and the merged model, as
     reloaded from ``output`` with ``AutoModelFor…from_pretrained``, on a few held-out batches; the saved
-    dtype and why, e.g. ``"bfloat16 (trained in bf16)"``). Raises LorakitError for a bad dtype or ``onto``, an unmergeable method, an
+    dtype and why, e.g. ``"bfloat16 (trained in bf16)"``; when saving rounds the merged weights to a
+    narrower dtype, the same difference before that rounding, else None). Raises LorakitError for a bad dtype or ``onto``, an unmergeable method, an
     existing non-empty ``output``, or ``onto="original"`` over a base stored quantized.
     """
     if dtype != "auto" and dtype not in DTYPES:  # before anything loads
@@ -148,9 +153,11 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
             session.model = model = None  # free the k-bit copy
             model, method = _onto_original(session, path, rank)
             base = f"the original weights of {session.recipe.model.name_or_path} (not the {quant} ones trained on)"
-    model = method.merge(model, target)
+    model, exact = method.merge(model, target if quant is not None else None), None
     if quant is not None:
         dequantize_model(model, target)
+    elif model.dtype != target:  # saving rounds the weights: measure the merge itself before that
+        exact = _largest(before, batch_logits(model, batches, session.device, precision))
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     untied = save_merged(model, session.tokenizer, tmp, target)
@@ -159,7 +166,7 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
     mcfg = session.recipe.model
     reloaded = load_merged(tmp, mcfg.task, mcfg.trust_remote_code).to(session.device)  # what users will load
     after = batch_logits(reloaded, batches, session.device, precision)
-    diff = max((a - b).abs().max().item() for a, b in zip(before, after))
+    diff = _largest(before, after)
     if output.exists():
         output.rmdir()
     os.replace(tmp, output)
@@ -167,4 +174,4 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
         console.print("the adapted LM head no longer equals the input embeddings: saved untied "
                       "(tie_word_embeddings: false)")
     console.print(f"merged {escape(str(path))} ({method.name}) onto {escape(base)} into {escape(str(output))}", soft_wrap=True)
-    return diff, f"{str(target).removeprefix('torch.')} ({why})"
+    return diff, f"{str(target).removeprefix('torch.')} ({why})", exact

@@ -144,8 +144,12 @@ def test_cli_merge_of_a_bf16_run_saves_bfloat16(tiny_world, tmp_path):
     assert ckpt.read_precision(tmp_path / "run" / "checkpoints" / "step-000004") == "bf16"
     result = invoke("merge", tmp_path / "run", "-o", tmp_path / "merged")
     assert result.exit_code == 0, result.output
-    assert "in bfloat16 (trained in bf16)" in " ".join(result.stdout.split())
+    text = " ".join(result.stdout.split())
+    assert "in bfloat16 (trained in bf16)" in text
+    exact = float(text.split("vs the adapter model: ")[1].split(" (")[1].split()[0])  # the merge before rounding
+    assert exact < 1e-4 and "before the weights were rounded to bfloat16" in text
     assert {t.dtype for t in load_file(str(tmp_path / "merged" / "model.safetensors")).values()} == {torch.bfloat16}
     result = invoke("merge", tmp_path / "run", "-o", tmp_path / "merged32", "--dtype", "float32")
     assert result.exit_code == 0 and "in float32 (--dtype)" in " ".join(result.stdout.split())
+    assert "before the weights were rounded" not in result.stdout  # nothing rounded
     assert {t.dtype for t in load_file(str(tmp_path / "merged32" / "model.safetensors")).values()} == {torch.float32}

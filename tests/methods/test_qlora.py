@@ -198,7 +198,7 @@ def test_checkpoint_holds_adapters_only_and_reloads(run):
 def test_merge_saves_a_plain_model_that_reproduces_the_adapter_model(run, tmp_path):
     run_dir, session, _, _ = run
     console = Console(record=True, width=400)
-    diff, _ = merge_run(run_dir, tmp_path / "merged", "auto", console)
+    diff, _, _ = merge_run(run_dir, tmp_path / "merged", "auto", console)
     assert diff < 1e-5 and "onto dequant(Wq) of the nf4 base" in console.export_text()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert getattr(plain.config, "quantization_config", None) is None
@@ -209,7 +209,7 @@ def test_merge_saves_a_plain_model_that_reproduces_the_adapter_model(run, tmp_pa
 def test_merge_onto_original_weights_reports_the_deviation(run, tmp_path):
     run_dir, session, _, _ = run
     console = Console(record=True, width=400)
-    diff, _ = merge_run(run_dir, tmp_path / "orig", "auto", console, onto="original")
+    diff, _, _ = merge_run(run_dir, tmp_path / "orig", "auto", console, onto="original")
     assert "onto the original weights of" in console.export_text()
     assert 1e-4 < diff < 1.0  # the quantization error, not the adapter, separates them
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "orig")
