@@ -49,9 +49,9 @@ class SourceConfig(Section):
     """one data set of a mix; a field left out (null) takes the data section's value."""
 
     source: str = Field(description="as data.source: a built-in, a local file or folder, or a hub id")
-    weight: float = Field(1.0, gt=0, description=
+    weight: float | None = Field(None, gt=0, description=
         "this source's share of the training examples is weight / (sum of the weights); its rows are sampled "
-        "(seeded) to that share, repeated when it has fewer")
+        "(seeded) to that share, repeated when it has fewer; null on every source: each source's rows once")
     format: FORMATS | None = Field(None, description="as data.format; null: data.format")
     split: str | None = Field(None, description="as data.split; null: data.split")
     text_field: str | None = Field(None, description="as data.text_field; null: data.text_field")
@@ -113,6 +113,11 @@ class DataConfig(Section):
     def _some_source(self) -> "DataConfig":
         if self.source is None and not self.sources:
             raise ValueError("data.source is null and data.sources is empty: name a data source")
+        weighted = [i for i, src in enumerate(self.sources) if src.weight is not None]
+        if weighted and len(weighted) < len(self.sources):
+            unweighted = next(i for i in range(len(self.sources)) if i not in weighted)
+            raise ValueError(f"data.sources[{unweighted}] has no weight while data.sources[{weighted[0]}] has one: "
+                             "give every source a weight (shares), or none (every row of each source once)")
         return self
 
 

@@ -11,7 +11,10 @@ What a mix is:
   that is smaller;
 - source i gets ``N · w_i / Σw`` of them, rounded by largest remainder so that they add up to N: a
   seeded sample of its rows when it has more, every row repeated as often as fits and a seeded
-  sample of the rest when it has fewer. Held-out rows are never resampled;
+  sample of the rest when it has fewer. Held-out rows are never resampled. Without weights (null on
+  every source, the default) the weights are the sources' training rows: each row once, as a
+  concatenation (Axolotl's and LLaMA-Factory's default), sampled in proportion when
+  ``data.max_examples`` is smaller;
 - the trainer then shuffles the whole mix by ``train.seed`` (:mod:`lorakit.data.batches`), so one
   recipe gives the same examples in the same order, and a resumed run continues it.
 
@@ -45,6 +48,8 @@ def source_config(cfg: DataConfig, src: SourceConfig) -> DataConfig:
 def shares(weights: list[float], total: int) -> list[int]:
     """Examples per source: ``total · w_i / Σw`` rounded by largest remainder (ties to the earlier
     source), so that they sum to ``total``."""
+    if total == 0:
+        return [0] * len(weights)
     exact = [total * w / sum(weights) for w in weights]
     counts = [int(x) for x in exact]
     order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
@@ -112,7 +117,8 @@ def load_mix(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False
     if not whole_for_eval:
         total = min(sum(pools), cfg.max_examples or sum(pools))
         with quiet_datasets():
-            for index, (part, count) in enumerate(zip(parts, shares([s.weight for s in cfg.sources], total),
+            weights = [s.weight for s in cfg.sources] if cfg.sources[0].weight is not None else pools
+            for index, (part, count) in enumerate(zip(parts, shares(weights, total),
                                                       strict=True)):
                 part.train = draw(part.train, count, [seed % (1 << 64), index])
     notes = [mix_line(parts, pools)] + [note for part in parts for note in part.notes]

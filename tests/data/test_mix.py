@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from pydantic import ValidationError
 
 from lorakit.config import DataConfig
 from lorakit.data import load_raw, tokenize
@@ -53,10 +54,21 @@ def test_weights_set_each_sources_share(files):
     assert raw.format == "mixed" and a.format == "instruction" and s.format == "chat"
     assert raw.notes[0] == ("data: 2 sources, 126 training examples: alpaca.jsonl 84 of 90 (67%), share.jsonl 42 "
                             "from 36, repeated (33%); held out: alpaca.jsonl 10, share.jsonl 4")
-    capped = load_raw(mix({"source": files["alpaca"], "weight": 3}, {"source": files["share"], "max_examples": 20},
-                          max_examples=60), "causal_lm", 0)
+    capped = load_raw(mix({"source": files["alpaca"], "weight": 3}, {"source": files["share"], "weight": 1,
+                                                                         "max_examples": 20}, max_examples=60), "causal_lm", 0)
     assert [len(p.train) for p in capped.parts] == [45, 15]
     assert "share.jsonl 15 of 20 (25%)" in capped.notes[0]
+
+
+def test_without_weights_every_row_of_each_source_is_taken_once(files):
+    raw = load_raw(mix(files["alpaca"], {"source": files["share"]}), "causal_lm", 0)
+    assert [len(p.train) for p in raw.parts] == [90, 36]
+    assert all(len(set(map(str, p.train.to_list()))) == len(p.train) for p in raw.parts)  # no row repeated
+    assert raw.notes[0].startswith("data: 2 sources, 126 training examples: alpaca.jsonl 90 (71%), share.jsonl 36 (29%)")
+    capped = load_raw(mix(files["alpaca"], files["share"], max_examples=63), "causal_lm", 0)
+    assert [len(p.train) for p in capped.parts] == [45, 18]  # in proportion to the rows
+    with pytest.raises(ValidationError, match=r"data.sources\[1\] has no weight while data.sources\[0\] has one"):
+        mix({"source": files["alpaca"], "weight": 2}, files["share"])
 
 
 def test_the_same_recipe_gives_the_same_mix_and_another_seed_another(files):
@@ -106,7 +118,7 @@ def test_classification_sources_need_one_label_set(tmp_path):
         return write_jsonl(tmp_path / name, [{"text": f"w{i} w{i + 1}", "label": labels[i % len(labels)]}
                                              for i in range(30)])
 
-    same = load_raw(mix(labelled("a.jsonl", ["x", "y"]), {"source": labelled("b.jsonl", ["y", "x"]), "weight": 2}),
+    same = load_raw(mix(labelled("a.jsonl", ["x", "y"]), labelled("b.jsonl", ["y", "x"])),
                     "seq_cls", 0)
     assert same.format == "classification" and same.label_names == ["x", "y"]
     with pytest.raises(LorakitError, match=r"^data.sources\[1\] '.*c.jsonl' has labels \['x', 'y', 'z'\], data.sources"
@@ -172,7 +184,7 @@ def test_a_resumed_mixed_run_ends_where_an_uninterrupted_one_ends(tmp_path, tiny
     from tests.helpers_cli import invoke, lorakit_process, max_difference
     from tests.tiny_run import tiny_recipe, write_recipe
 
-    data = {"source": None, "format": "auto", "sources": [tiny_world["chat"], {"source": files["share"], "weight": 2}]}
+    data = {"source": None, "format": "auto", "sources": [{"source": tiny_world["chat"], "weight": 1}, {"source": files["share"], "weight": 2}]}
     adapters = []
     for name, stop in (("straight", None), ("resumed", "step:2=INT")):
         recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_recipe(tiny_world, tmp_path / name, data=data,
