@@ -31,6 +31,7 @@ from lorakit.device import model_device
 from lorakit.jsonfile import read_json_object
 from lorakit.errors import LorakitError
 from lorakit.files import normal_modes
+from lorakit.hub import check_hub_id, nearest_builtin
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = {
@@ -86,10 +87,12 @@ def _convert_smollm2() -> Path:
 
 def resolve_model_path(name_or_path: str) -> str:
     """Map a built-in name to its local folder (fetching/converting on first use); a local folder to
-    itself; anything else is returned unchanged as a hub id (loading it may then fail offline).
+    itself; anything else is returned unchanged as a hub id, once :func:`lorakit.hub.check_hub_id` found
+    it cached or on the hub.
 
     Raises:
-        LorakitError: a built-in could not be fetched or converted.
+        LorakitError: a built-in could not be fetched or converted; a file or missing folder; a hub id
+            that cannot load (not on the hub, or the hub not reachable), naming the nearest built-in.
     """
     if name_or_path == "smollm2-135m-instruct":
         return str(_convert_smollm2())
@@ -104,6 +107,7 @@ def resolve_model_path(name_or_path: str) -> str:
                            "folder (config.json, weights, tokenizer)")
     if name_or_path.startswith(("/", ".", "~")):
         raise LorakitError(f"model.name_or_path {name_or_path!r}: no such folder")
+    check_hub_id(name_or_path, BUILTIN_MODELS)  # a misspelt name or no network: one line now
     return name_or_path
 
 
@@ -175,7 +179,7 @@ def _load_error(name: str, err: Exception) -> LorakitError:
         return LorakitError(f"model.name_or_path {name!r}: could not load the local folder: {reason}")
     return LorakitError(
         f"model.name_or_path {name!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), not a local folder, "
-        f"and could not be loaded from the hub: {reason}"
+        f"and could not be loaded from the hub: {reason}{nearest_builtin(name, BUILTIN_MODELS)}"
     )
 
 

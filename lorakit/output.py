@@ -17,6 +17,7 @@ from rich.console import Console
 # Read by transformers, huggingface_hub, datasets and tqdm when they are imported, so set before that.
 QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",  # its LOAD REPORT and "Consider training" notes are warnings
+    "HF_HUB_VERBOSITY": "error",  # huggingface_hub's own handler: "Retrying in 8s [Retry 5/5]." offline
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' loading / saving bars too
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TQDM_DISABLE": "1",  # any other tqdm bar (GGUF conversion)
@@ -44,6 +45,10 @@ def quiet_third_party(verbose: bool) -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     if "datasets" in sys.modules:
         import datasets
 
