@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lorakit.errors import LorakitError
+from lorakit.errors import ArgumentError, LorakitError
 from lorakit.output import quiet_third_party, tidy_help
 
 app = typer.Typer(help="Fine-tune language models with the LoRA family, from YAML recipes.",
@@ -128,7 +128,7 @@ def eval_cmd(
         from lorakit.train.loop import Trainer
 
         if held_out and not data:
-            raise LorakitError("--held-out goes with --data (without --data the run's own held-out split is used)")
+            raise ArgumentError("--held-out goes with --data (without --data the run's own held-out split is used)")
         overrides = {"data": {"source": data, "sources": []}} if data else None  # --data replaces a mix too
         session, path = load_run(run, console, overrides, trust_remote_code,
                                  eval_whole_data=bool(data) and not held_out)
@@ -263,7 +263,7 @@ def export(
     it with lorakit, and with PEFT when peft is installed (the peft extra of lorakit)."""
     try:
         if fmt != "peft":
-            raise LorakitError(f"--format {fmt!r}: expected peft")
+            raise ArgumentError(f"--format {fmt!r}: expected peft")
         from lorakit.export import export_run
 
         report = export_run(run, output, console, rank=rank, base_model=base_model, check=check,

@@ -13,6 +13,13 @@ class RecipeError(LorakitError):
     exit_code = 2
 
 
+class ArgumentError(LorakitError):
+    """A bad command-line argument: a value the option does not take, or options that do not go together.
+    The CLI exits with status 2, as for a bad recipe."""
+
+    exit_code = 2
+
+
 class Interrupted(LorakitError):
     """Training stopped by a signal (Ctrl-C, SIGTERM): the message says where and how to resume. The CLI
     prints it without "error:" and exits with ``exit_code`` = 128 + the signal number."""

@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from lorakit.data.batches import iterate_batches
 from lorakit.device import model_device
-from lorakit.errors import LorakitError
+from lorakit.errors import ArgumentError, LorakitError
 from lorakit.evaluate import batch_logits
 from lorakit.files import normal_modes
 from lorakit.models import model_dtype
@@ -38,7 +38,7 @@ def merged_dtype(dtype: str, recipe, checkpoint: Path) -> tuple[torch.dtype, str
     written before that record; else fp32). Raises LorakitError for an unknown ``dtype``."""
     if dtype != "auto":
         if dtype not in DTYPES:
-            raise LorakitError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+            raise ArgumentError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
         return DTYPES[dtype], "--dtype"
     trained = ckpt.read_precision(checkpoint)
     stated = recipe.train.precision if recipe.train.precision != "auto" else None
@@ -129,9 +129,9 @@ def merge_run(run: Path, output: Path, dtype: str, console: Console, rank: int |
     existing non-empty ``output``, or ``onto="original"`` over a base stored quantized.
     """
     if dtype != "auto" and dtype not in DTYPES:  # before anything loads
-        raise LorakitError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+        raise ArgumentError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
     if onto not in ONTO:
-        raise LorakitError(f"--onto {onto!r}: expected {' or '.join(ONTO)}")
+        raise ArgumentError(f"--onto {onto!r}: expected {' or '.join(ONTO)}")
     output = Path(output)
     ckpt.check_output_folder(output, "--output", empty=True)
     session, path = load_run(run, console, cpu_check_overrides(model_device()),  # fp32 on CPU

@@ -204,7 +204,7 @@ def test_cli_export_checks_with_lorakit_and_peft(run, tmp_path):
     again = CliRunner().invoke(app, ["export", str(run), "-o", str(tmp_path / "p")])
     assert again.exit_code == 1 and "not empty" in again.output
     bad = CliRunner().invoke(app, ["export", str(run), "--format", "gguf", "-o", str(tmp_path / "q")])
-    assert bad.exit_code == 1 and "--format" in bad.output
+    assert bad.exit_code == 2 and "--format" in bad.output
 
 
 def test_cli_export_without_peft_equivalent_points_to_merge(run, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from lorakit.errors import LorakitError
+from lorakit.errors import ArgumentError, LorakitError
 from lorakit.methods.config import MethodConfig
 from lorakit.methods.inject import inject, replace_module
 from lorakit.methods.layer import AdapterLayer, base_weight, is_conv1d, kaiming_uniform_, layer_shape
@@ -104,12 +104,12 @@ class Method:
     def evaluate(self, run_eval: Callable[[], dict], **options: Any) -> dict:
         """Held-out metrics from ``run_eval()``. Raises LorakitError for rank options (a fixed rank)."""
         if options:
-            raise LorakitError(f"--rank/--ranks: method {self.name} has a fixed rank")
+            raise ArgumentError(f"--rank/--ranks: method {self.name} has a fixed rank")
         return run_eval()
 
     def set_rank(self, rank: int) -> None:
         """Use rank ``rank`` for evaluation, merging and export. Raises LorakitError: a fixed rank."""
-        raise LorakitError(f"--rank: method {self.name} has a fixed rank")
+        raise ArgumentError(f"--rank: method {self.name} has a fixed rank")
 
     def merge(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         for name, layer in self.layers.items():

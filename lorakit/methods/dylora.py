@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import nn
 
 from lorakit.methods.config import LoraConfig
-from lorakit.errors import LorakitError
+from lorakit.errors import ArgumentError, LorakitError
 from lorakit.methods.ops import can_fuse, lora_into
 from lorakit.methods.registry import register
 from lorakit.methods.base import Method
@@ -161,10 +161,10 @@ def parse_ranks(ranks: str | list[int], r: int) -> list[int]:
     try:
         values = sorted({int(str(item).strip()) for item in items if str(item).strip()})
     except ValueError:
-        raise LorakitError(f"--ranks {ranks!r}: expected comma-separated integers in 1..{r}, or all") from None
+        raise ArgumentError(f"--ranks {ranks!r}: expected comma-separated integers in 1..{r}, or all") from None
     bad = [b for b in values if not 1 <= b <= r]
     if not values or bad:
-        raise LorakitError(f"--ranks {ranks!r}: DyLoRA ranks are 1..{r} (r_max of this adapter)")
+        raise ArgumentError(f"--ranks {ranks!r}: DyLoRA ranks are 1..{r} (r_max of this adapter)")
     return values
 
 
@@ -250,7 +250,7 @@ class DyLora(Method):
     def set_rank(self, b: int) -> None:
         """Evaluate and merge at rank b. Raises LorakitError unless 1 ≤ b ≤ r (naming ``--rank``)."""
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.cfg.r:
-            raise LorakitError(f"--rank {b!r}: DyLoRA ranks are 1..{self.cfg.r} (r_max of this adapter)")
+            raise ArgumentError(f"--rank {b!r}: DyLoRA ranks are 1..{self.cfg.r} (r_max of this adapter)")
         for layer in self.layers.values():
             layer.set_rank(b)
 
@@ -260,7 +260,7 @@ class DyLora(Method):
         "all"), ``{"rank_b": metrics, ...}`` for each b plus the current rank's metrics at top level.
         The current rank is restored afterwards. Raises LorakitError for ranks outside 1..r, or both given."""
         if rank is not None and ranks is not None:
-            raise LorakitError("--rank and --ranks: give one of them")
+            raise ArgumentError("--rank and --ranks: give one of them")
         default = self.rank
         wanted = parse_ranks(ranks, self.cfg.r) if ranks is not None else []
         if rank is not None:

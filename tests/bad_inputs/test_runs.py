@@ -178,18 +178,20 @@ def test_resume_with_another_learning_rate(tmp_path, trained_run):
     check_fails(["train", recipe], 1, "already holds a run", [run])
 
 
-# Commands on a run with bad arguments: (id, argv after the run folder, exit status, what the line must name)
+# Commands on a run with bad arguments: (id, argv after the run folder, exit status, what the line must name);
+# a value an option does not take exits 2, like a bad recipe; a folder or file at fault exits 1
 ARGS = [
     ("merge-output-not-empty", ["merge", "{run}", "--output", "{nonempty}"], 1, "--output"),
-    ("merge-dtype", ["merge", "{run}", "--output", "{out}", "--dtype", "float8"], 1, "--dtype"),
-    ("merge-onto", ["merge", "{run}", "--output", "{out}", "--onto", "somewhere"], 1, "--onto"),
-    ("merge-rank-fixed", ["merge", "{run}", "--output", "{out}", "--rank", "2"], 1, "--rank"),
-    ("export-format", ["export", "{run}", "--output", "{out}", "--format", "onnx"], 1, "--format"),
+    ("merge-dtype", ["merge", "{run}", "--output", "{out}", "--dtype", "float8"], 2, "--dtype"),
+    ("merge-onto", ["merge", "{run}", "--output", "{out}", "--onto", "somewhere"], 2, "--onto"),
+    ("merge-rank-fixed", ["merge", "{run}", "--output", "{out}", "--rank", "2"], 2, "--rank"),
+    ("export-format", ["export", "{run}", "--output", "{out}", "--format", "onnx"], 2, "--format"),
     ("merge-output-unwritable", ["merge", "{run}", "--output", "/proc/lorakit-merged"], 1, ("--output", "cannot write")),
     ("merge-output-a-file", ["merge", "{run}", "--output", "{broken}"], 1, ("--output", "not a folder")),
     ("export-output-unwritable", ["export", "{run}", "--output", "/proc/lorakit-peft"], 1, ("--output", "cannot write")),
     ("export-output-not-empty", ["export", "{run}", "--output", "{nonempty}"], 1, "--output"),
-    ("eval-rank-fixed", ["eval", "{run}", "--rank", "2"], 1, "rank"),
+    ("eval-rank-fixed", ["eval", "{run}", "--rank", "2"], 2, "rank"),
+    ("eval-held-out-alone", ["eval", "{run}", "--held-out"], 2, ("--held-out", "--data")),
     ("eval-data-missing", ["eval", "{run}", "--data", "{tmp}/nope.jsonl"], 1, "nope.jsonl"),
     ("eval-data-broken", ["eval", "{run}", "--data", "{broken}"], 1, ("broken.jsonl", "line 2")),
     ("eval-not-a-run", ["eval", "{tmp}/empty"], 1, "not a lorakit run folder"),
