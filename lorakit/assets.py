@@ -23,11 +23,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
-
 from lorakit.errors import LorakitError
+from lorakit.output import LogConsole
 
-console = Console(stderr=True)
+console = LogConsole(stderr=True)
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from lorakit.errors import ArgumentError, LorakitError
-from lorakit.output import quiet_third_party, tidy_help
+from lorakit.output import LogConsole, quiet_third_party, tidy_help
 
 app = typer.Typer(help="Fine-tune language models with the LoRA family, from YAML recipes.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console(stderr=True)
-out = Console()
+console = LogConsole(stderr=True)
+out = LogConsole()
 tidy_help()
 state = {"verbose": False}
 

@@ -55,6 +55,17 @@ def quiet_third_party(verbose: bool) -> None:
         datasets.disable_progress_bars()
 
 
+class LogConsole(Console):
+    """A rich console that, off a terminal (nohup, CI, a SLURM log), prints each plain string on one line
+    however long (soft wrap), so a path in it can be copied and grepped; tables and other renderables
+    still fit the width (80 columns unless ``COLUMNS`` says otherwise). On a terminal it is rich's."""
+
+    def print(self, *objects, soft_wrap: bool | None = None, **kwargs) -> None:
+        if soft_wrap is None and not self.is_terminal and all(isinstance(o, str) for o in objects):
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+
+
 class PlainProgress:
     """The training progress as plain lines, for output that is not a terminal: a line every ``every``
     steps or ``seconds``, whichever comes first, and at the last step. The calls mirror

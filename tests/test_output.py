@@ -7,6 +7,7 @@ import sys
 import warnings
 
 from rich.console import Console
+from rich.table import Table
 from typer.testing import CliRunner
 
 from lorakit import output
@@ -25,6 +26,24 @@ def test_plain_progress_prints_every_n_steps_and_the_last():
     lines = buffer.getvalue().splitlines()
     assert [line.split()[2] for line in lines] == ["4/10", "8/10", "10/10"]
     assert "loss 0.25" in lines[0] and "eta" in lines[0] and "\x1b" not in buffer.getvalue()
+
+
+def test_log_console_keeps_plain_lines_whole_off_a_terminal():
+    buffer = io.StringIO()
+    console = output.LogConsole(file=buffer, width=80)
+    path = "/shared/runs/" + "a-very-long-folder-name-for-my-experiment-" * 3 + "v1/final"
+    console.print(f"Saved {path} and {path}")
+    table = Table(title="held-out metrics")
+    table.add_column("metric")
+    table.add_column("value")
+    table.add_row("note", "word " * 40)
+    console.print(table)
+    lines = buffer.getvalue().splitlines()
+    assert lines[0] == f"Saved {path} and {path}"
+    assert max(len(line) for line in lines[1:]) <= 80  # a table still fits the width
+    wrapped = io.StringIO()
+    output.LogConsole(file=wrapped, width=80, force_terminal=True).print(f"Saved {path}", highlight=False)
+    assert len(wrapped.getvalue().splitlines()) > 1  # a terminal wraps as rich does
 
 
 def test_progress_is_plain_off_a_terminal():
@@ -67,6 +86,7 @@ def test_training_off_a_terminal_prints_plain_lines_and_no_third_party_bars(tiny
     text = done.stdout + done.stderr
     assert "train step 4/4 (100%)" in text
     assert "Loading weights" not in text and "it/s]" not in text and "\x1b[" not in text
+    assert f"Saved {run / 'checkpoints' / 'step-000004'} and {run / 'final'}\n" in text  # never cut at 80 columns
     shown = subprocess.run([*cli, "eval", str(run)], capture_output=True, text=True, env=env, timeout=300)
     assert f"eval of {run / 'final'}" in shown.stdout  # the path whole, on its own line
 
