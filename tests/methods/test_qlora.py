@@ -248,7 +248,7 @@ def test_cli_merge_onto_option(run, tmp_path):
 
     run_dir = run[0]
     bad = CliRunner().invoke(app, ["merge", str(run_dir), "-o", str(tmp_path / "x"), "--onto", "nowhere"])
-    assert bad.exit_code == 1 and "expected dequant or original" in bad.output
+    assert bad.exit_code == 2 and "expected dequant or original" in bad.output
     ok = CliRunner().invoke(app, ["merge", str(run_dir), "-o", str(tmp_path / "m"), "--onto", "original"])
     assert ok.exit_code == 0, ok.output
     text = " ".join(ok.output.split())
