@@ -66,8 +66,9 @@ class MethodConfig(BaseModel):
             for name, rule in cls.set_aside.items():
                 field = cls.model_fields.get(name) or LoraConfig.model_fields[name]
                 default = field.default
-                if name in data and data[name] != default:
-                    notes.append(f"method.{name} = {data[name]!r} set aside ({rule}); using {default!r}")
+                if name in data and data[name] != default:  # "using": a value this method declares and uses
+                    instead = f"using {default!r}" if name in vars(cls).get("__annotations__", {}) else "not used"
+                    notes.append(f"method.{name} = {data[name]!r} set aside ({rule}); {instead}")
                 if name in data:
                     data = {k: v for k, v in data.items() if k != name}
                     if name in cls.model_fields:

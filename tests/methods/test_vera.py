@@ -118,6 +118,13 @@ def test_load_state_dict_regenerates_from_recorded_seed(tmp_path):
     torch.testing.assert_close(H.logits(fresh), H.logits(model), rtol=0, atol=0)
 
 
+def test_lora_alpha_set_aside_says_it_is_not_used():
+    """VeRA scales by its trained vectors: a recipe's lora_alpha is not used, not replaced by a default."""
+    cfg = recipe_from_dict({"method": {**CFG, "lora_alpha": 8}}).method
+    assert cfg.set_aside_notes() == ["method.lora_alpha = 8 set aside (VeRA has no alpha scaling: its trainable "
+                                     "vectors scale the update, Kopiczko et al. 2023 §3); not used"]
+
+
 def test_loraplus_is_set_aside_and_saved_defaults_pass():
     cfg = recipe_from_dict({"method": {**CFG, "loraplus_lr_ratio": 16}}).method
     assert cfg.loraplus() is None and "loraplus_lr_ratio = 16 set aside" in cfg.set_aside_notes()[0]
