@@ -31,12 +31,13 @@ TRACKERS = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"
 
 
 def check_installed(report_to: list[str]) -> None:
-    """Raise LorakitError (one line naming the extra) for a tracker whose library is missing; cheap,
-    so it runs before any model loads."""
-    for name in report_to:
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise LorakitError(f"train.report_to: {name} is not installed; pip install 'lorakit[{name}]' "
-                               f"(or pip install {TRACKERS[name]})")
+    """Raise LorakitError (one line naming every missing tracker and the extras that install them) when a
+    tracker's library is missing; cheap, so it runs before any model loads."""
+    missing = [name for name in report_to if importlib.util.find_spec(TRACKERS[name]) is None]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise LorakitError(f"train.report_to: {' and '.join(missing)} {verb} not installed; pip install "
+                           f"'lorakit[{','.join(missing)}]' (or pip install {' '.join(TRACKERS[n] for n in missing)})")
 
 
 def tag_values(record: dict) -> tuple[int, dict[str, float]]:

@@ -51,6 +51,7 @@ def test_quickstart_train_eval_merge(tmp_path):
 
     again = invoke("train", "recipes/quickstart.yaml", f"output_dir={run}", *FAST)
     assert again.exit_code == 1 and "already holds a run" in again.output  # nothing overwritten
+    assert "pass --resume to continue it, --overwrite to replace it, or choose another output_dir" in again.output
 
     result = invoke("eval", run, "--json")
     assert result.exit_code == 0, result.output

@@ -13,6 +13,7 @@ os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="lorakit-trackio-")
 
 from lorakit import track  # noqa: E402
 from lorakit.cli import app  # noqa: E402
+from lorakit.errors import LorakitError  # noqa: E402
 from tests.tiny_run import tiny_recipe, tiny_world, write_recipe  # noqa: E402,F401
 
 RECORDS = [{"step": 1, "epoch": 0.5, "loss": 2.0, "lr": 0.1, "grad_norm": 1.5, "tokens_per_s": 100.0},
@@ -93,6 +94,13 @@ def test_missing_tracker_is_one_line_before_the_model_loads(tmp_path, monkeypatc
     assert result.exit_code == 1
     assert "train.report_to: wandb is not installed; pip install 'lorakit[wandb]'" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_every_missing_tracker_is_named(monkeypatch):
+    monkeypatch.setattr(track.importlib.util, "find_spec", lambda name: None if name != "wandb" else object())
+    with pytest.raises(LorakitError, match=r"^train.report_to: tensorboard and trackio are not installed; pip "
+                       r"install 'lorakit\[tensorboard,trackio\]' \(or pip install tensorboard trackio\)$"):
+        track.check_installed(["tensorboard", "wandb", "trackio"])
 
 
 def test_train_reports_what_metrics_jsonl_holds(tiny_world, tmp_path):

@@ -143,8 +143,8 @@ def starting_point(run_dir: Path, recipe, resume: bool, console: Console,
         return None, 0
     if not resume:
         raise LorakitError(
-            f"output_dir {run_dir} already holds a run; pass --resume to continue it, or choose another "
-            f"output_dir (e.g. output_dir={run_dir}-2)"
+            f"output_dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            f"or choose another output_dir (e.g. output_dir={run_dir}-2)"
         )
     if latest is None:
         raise LorakitError(f"--resume: {run_dir} holds a finished run (final/) but no training checkpoint to "
