@@ -3,7 +3,7 @@ checkpoint and at the end), several runs overlaid (``lorakit plot RUN...``), and
 
 Everything is read from the run folder: ``metrics.jsonl`` (training records with ``loss``/``lr``,
 evaluation records with ``eval_loss`` and ``accuracy``/``macro_f1``) and ``summary.json`` (its ``before``
-evaluation is drawn at step 0). Figures are built on :class:`matplotlib.figure.Figure` (no pyplot state,
+evaluation is drawn at step 0 for a run older than the step-0 record of metrics.jsonl). Figures are built on :class:`matplotlib.figure.Figure` (no pyplot state,
 no display needed) and written atomically.
 """
 
@@ -58,7 +58,7 @@ def read_run(run_dir: Path) -> dict:
         except json.JSONDecodeError:
             summary = {}
     summary = summary if isinstance(summary, dict) else {}
-    if isinstance(summary.get("before"), dict):
+    if isinstance(summary.get("before"), dict) and not any(r["step"] == 0 for r in evals):  # an older run
         evals.insert(0, {"step": 0, **summary["before"]})
     best = summary.get("best") if isinstance(summary.get("best"), dict) else {}
     return {"name": run_dir.name, "method": summary.get("method"), "train": train, "eval": evals,

@@ -48,6 +48,7 @@ def test_quickstart_train_eval_merge(tmp_path):
     assert (run / "final" / "adapter.safetensors").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["after"]["eval_tokens"] > 0
+    assert "samples before training" in result.output and "samples after training" in result.output  # README
 
     again = invoke("train", "recipes/quickstart.yaml", f"output_dir={run}", *FAST)
     assert again.exit_code == 1 and "already holds a run" in again.output  # nothing overwritten

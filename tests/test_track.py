@@ -113,3 +113,5 @@ def test_train_reports_what_metrics_jsonl_holds(tiny_world, tmp_path):
     scalars = tensorboard_scalars(run / "tensorboard")
     assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in records if "loss" in r]
     assert scalars["eval/eval_loss"] == [(r["step"], pytest.approx(r["eval_loss"])) for r in records if "eval_loss" in r]
+    before = json.loads((run / "summary.json").read_text())["before"]
+    assert records[0] == {"step": 0, **before} and scalars["eval/eval_loss"][0][0] == 0  # the baseline too

@@ -98,7 +98,7 @@ class StepLog:
             elapsed = time.perf_counter() - self.t0
             record = {"step": stats.step, "epoch": round(stats.step / trainer.steps_per_epoch, 4), "loss": loss,
                       "lr": stats.lr, "grad_norm": grad_norm, "tokens_per_s": self.tokens / max(elapsed, 1e-9)}
-            trainer._log(record)
+            trainer.log(record)
             self.tokens, self.t0 = 0, None
             self.progress.update(self.bar, info=f"loss {loss:.4f}  lr {stats.lr:.2e}  {record['tokens_per_s']:,.0f} tok/s")
         self.progress.update(self.bar, completed=stats.step)
@@ -196,7 +196,8 @@ class Trainer:
         return TrainContext(self.model, self.tokenizer, self.data, self.recipe, self.device,
                             self.console, self.run_dir, loss_fn=self.loss, world=self.world)
 
-    def _log(self, record: dict) -> None:
+    def log(self, record: dict) -> None:
+        """Append ``record`` to metrics.jsonl and hand it to ``on_record`` (rank 0 alone)."""
         if not self.world.is_main:  # rank 0 alone writes and reports
             return
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
@@ -395,7 +396,7 @@ class Trainer:
                     stop_early = False
                     if at_eval:
                         metrics = self.evaluate()
-                        self._log({"step": self.step, **metrics})
+                        self.log({"step": self.step, **metrics})
                         self.console.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
                         save_best, stop_early = keep.judge(self, metrics)
                         at_save = at_save or save_best or stop_early
@@ -423,7 +424,7 @@ class Trainer:
             metrics = self.best.last_metrics
         else:
             metrics = self.evaluate()
-            self._log({"step": self.step, **metrics})
+            self.log({"step": self.step, **metrics})
             if self.best.last_step != self.step:  # not counted yet (a resumed finished run has counted it)
                 keep.take(self, metrics)
         with stop.holding():

@@ -136,7 +136,7 @@ def starting_point(run_dir: Path, recipe, resume: bool, console: Console,
             console.print(f"{run_dir} holds a run stopped before its first checkpoint: starting again from step 0",
                           markup=False, highlight=False, soft_wrap=True)
             if world.is_main:
-                keep_metrics_until(run_dir / "metrics.jsonl", 0)
+                keep_metrics_until(run_dir / "metrics.jsonl", -1)  # its step-0 evaluation is made again
         elif resume:
             console.print(f"--resume: {run_dir} has no checkpoint yet: starting from step 0", markup=False,
                           highlight=False, soft_wrap=True)
@@ -241,15 +241,17 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
         if world.is_main:
             ckpt.write_atomic_text(run_dir / "summary.json", json.dumps({"before": before}, indent=1))
         console.print(f"before training: {_summary_line(before)}")
+        _samples(session, console, "samples before training", world)
     if aside is not None:  # the new run has written its first file
         shutil.rmtree(aside)
     for left in retention.clean_overwritten(run_dir) if overwrite and world.is_main else []:
         console.print(f"--overwrite: removed {left}, left by an earlier --overwrite that was killed", markup=False,
                       highlight=False, soft_wrap=True)
-        _samples(session, console, "samples before training", world)
     report_to = recipe.train.report_to if world.is_main else []  # rank 0 alone reports
     trackers = track.Trackers(report_to, run_dir, recipe_to_dict(recipe), start_step, verbose)
     trainer.on_record.append(trackers.log)
+    if latest is None:  # the before-training evaluation, in metrics.jsonl and the trackers like the others
+        trainer.log({"step": 0, **before})
     trainer.on_checkpoint.append(lambda _path: plot.redraw(run_dir, console))
     for where in trackers.describe():
         console.print(f"tracking: {escape(where)}", soft_wrap=True, highlight=False)

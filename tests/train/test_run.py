@@ -66,7 +66,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, tiny_w
     assert result.exit_code == 0, result.output
     assert "stopped before its first checkpoint: starting again from step 0" in result.stderr
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 2] and not (run / "checkpoints" / ".step-000002.tmp-999999999").exists()
+    assert steps == [0, 1, 2, 2] and not (run / "checkpoints" / ".step-000002.tmp-999999999").exists()
     again = invoke("train", recipe)  # now it holds a run with checkpoints: refused, nothing touched
     assert again.exit_code == 1 and "already holds a run" in again.stderr
 
@@ -87,4 +87,4 @@ def test_overwrite_replaces_a_run(tmp_path, tiny_world):
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the old run is gone
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 3]
+    assert steps == [0, 1, 2, 3, 3]  # 0: the evaluation before training
