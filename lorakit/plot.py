@@ -158,25 +158,40 @@ def _label(run: dict, runs: list[dict]) -> str:
     return run["name"] + (f" ({run['method']})" if run["method"] else "")
 
 
-def plot_runs(run_dirs: list[Path], path: Path, title: str = "lorakit runs") -> Path:
-    """Overlay several runs: training/held-out loss per step and, when the runs have one, the final
-    held-out metric per run as bars. Raises LorakitError naming a folder without metrics."""
-    runs = [read_run(d) for d in run_dirs]
+def _task(run: dict) -> str:
+    """What a run's loss measures: a classifier's (its evaluations have accuracy) or a language model's."""
+    return "classifier" if _series(run["eval"], "accuracy")[0] else "language model"
+
+
+def figure_runs(runs: list[dict], title: str = "lorakit runs"):
+    """The figure of :func:`plot_runs` for runs read by :func:`read_run`: a loss panel per kind of loss
+    (a language model's and a classifier's are not comparable, so they never share a panel) and, when all
+    runs are of one kind and have it, the final held-out metric per run as bars from 0."""
+    tasks = list(dict.fromkeys(_task(r) for r in runs))
     final_key = next((k for k in ("accuracy", "eval_loss") if all(_series(r["eval"], k)[0] for r in runs)), None)
-    fig, axes = _figure(2 if final_key else 1)
+    final_key = final_key if len(tasks) == 1 else None
+    fig, axes = _figure(len(tasks) + (1 if final_key else 0))
     colors = [f"C{i % 10}" for i in range(len(runs))]
-    for run, color in zip(runs, colors):
-        _loss_panel(axes[0], run, _label(run, runs), color)
-    axes[0].legend(loc="upper right", fontsize=7, ncol=2 if len(runs) > 4 else 1)
+    for ax, task in zip(axes, tasks):
+        mine = [(run, color) for run, color in zip(runs, colors) if _task(run) == task]
+        for run, color in mine:
+            _loss_panel(ax, run, _label(run, runs), color)
+        ax.legend(loc="upper right", fontsize=7, ncol=2 if len(mine) > 4 else 1)
+        if len(tasks) > 1:
+            ax.set_title(f"loss of the {task} runs")
     if final_key:
-        labels = [_label(r, runs) for r in runs]
+        ax = axes[-1]
         finals = [_series(r["eval"], final_key)[1][-1] for r in runs]
-        bars = axes[1].bar(range(len(runs)), finals, color=colors)
-        axes[1].bar_label(bars, fmt="%.3f", fontsize=7)
-        axes[1].set_xticks(range(len(runs)), labels, rotation=30, ha="right", fontsize=8)
-        axes[1].set(title=f"final held-out {final_key}", ylabel=final_key)
-        if final_key == "eval_loss":  # losses differ in the decimals: start the axis near them
-            low, high = min(finals), max(finals)
-            axes[1].set_ylim(low - 0.5 * (high - low) - 0.01, high + 0.15 * (high - low) + 0.01)
+        bars = ax.bar(range(len(runs)), finals, color=colors)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)  # close values: read the labels, the bars start at 0
+        ax.set_xticks(range(len(runs)), [_label(r, runs) for r in runs], rotation=30, ha="right", fontsize=8)
+        ax.set(title=f"final held-out {final_key}", ylabel=final_key)
+        ax.set_ylim(0, max(max(finals), 1e-9) * 1.12)
     fig.suptitle(title)
-    return _save(fig, path)
+    return fig
+
+
+def plot_runs(run_dirs: list[Path], path: Path, title: str = "lorakit runs") -> Path:
+    """Overlay several runs (:func:`figure_runs`) into ``path``. Raises LorakitError naming a folder
+    without metrics."""
+    return _save(figure_runs([read_run(d) for d in run_dirs], title), path)

@@ -65,6 +65,17 @@ def test_plot_runs_overlays_and_compares(tmp_path):
     assert is_png(path, 1000)
 
 
+def test_bars_start_at_0_and_two_kinds_of_loss_never_share_a_panel(tmp_path):
+    lm = plot.read_run(fake_run(tmp_path / "lm"))
+    other = plot.read_run(fake_run(tmp_path / "lm2", method="dora"))
+    axes = plot.figure_runs([lm, other]).axes
+    assert axes[1].get_title() == "final held-out eval_loss" and axes[1].get_ylim()[0] == 0  # never cut
+    classifier = plot.read_run(fake_run(tmp_path / "cls", classification=True))
+    axes = plot.figure_runs([lm, classifier]).axes  # a language model's loss and a classifier's
+    assert [a.get_title() for a in axes] == ["loss of the language model runs", "loss of the classifier runs"]
+    assert [len(a.get_lines()) for a in axes] == [2, 2]  # train and held-out of one run each, no bars
+
+
 def test_bad_run_folders_are_one_line(tmp_path):
     with pytest.raises(LorakitError, match="no metrics.jsonl"):
         plot.read_run(tmp_path)
