@@ -147,17 +147,16 @@ def load_session(recipe: Recipe, weights: WeightSource = None, console: Console 
         apply_adapter_config(recipe, weights.path)  # fails before any model loads
     raw = load_raw(recipe.data, task, recipe.train.seed, whole_for_eval=eval_whole_data,
                    label_names=label_names) if with_data else None
-    for note in raw.notes if raw is not None and console is not None else []:
-        console.print(note, markup=False, highlight=False, soft_wrap=True)
     labels = raw.label_names if raw is not None else label_names
     torch.manual_seed(recipe.train.seed)
     model, tokenizer = load_base(recipe, labels, trust_remote_code)
     data = tokenize(raw, recipe.data, tokenizer, task) if raw is not None else None
-    for note in data.notes if data is not None and console is not None else []:  # answers truncated away
-        console.print(note, markup=False, highlight=False, soft_wrap=True)
     method = build_method(recipe.method)
     method.attach(model, task)
     _load_weights(model, method, weights, console)
+    # what was read (rows skipped, answers truncated away), once nothing can fail with a line of its own
+    for note in [*raw.notes, *data.notes] if raw is not None and console is not None else []:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
     device = model_device()
     if recipe.model.quantization is None:
         model.to(device)

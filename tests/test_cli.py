@@ -1,6 +1,7 @@
 """End to end through the command line: the real SmolLM2 / MiniLM, a few steps each."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -49,6 +50,7 @@ def test_quickstart_train_eval_merge(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["after"]["eval_tokens"] > 0
     assert "samples before training" in result.output and "samples after training" in result.output  # README
+    assert re.search(r"^data: chatterbot \(chat\), 32 training examples, 8 held out$", result.stderr, re.M)
 
     again = invoke("train", "recipes/quickstart.yaml", f"output_dir={run}", *FAST)
     assert again.exit_code == 1 and "already holds a run" in again.output  # nothing overwritten

@@ -91,6 +91,14 @@ def mix_line(parts: list[RawData], pools: list[int]) -> str:
     return f"data: {len(parts)} sources, {total:,} training examples: {', '.join(items)}; held out: {held}"
 
 
+def source_line(raw: RawData, source: str) -> str:
+    """One line for a single source, like :func:`mix_line`: what was read, how, and the split, e.g.
+    ``data: chat.jsonl (chat, auto-detected), 27 training examples, 3 held out``."""
+    name = Path(source).name if Path(source).expanduser().exists() else source
+    return (f"data: {name} ({raw.read_as}), {len(raw.train):,} training example{'s' * (len(raw.train) != 1)}, "
+            f"{len(raw.eval):,} held out")
+
+
 def load_mix(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False,
              label_names: list[str] | None = None) -> RawData:
     """The sources of ``cfg.sources`` loaded, split and mixed as the module says: a :class:`RawData` whose
@@ -129,8 +137,11 @@ def load_mix(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False
 
 def load_raw(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False,
              label_names: list[str] | None = None) -> RawData:
-    """``cfg.source`` (:func:`lorakit.data.raw.load_one`) or the mix of ``cfg.sources`` (:func:`load_mix`),
-    untokenized, with its held-out split."""
+    """``cfg.source`` (:func:`lorakit.data.raw.load_one`; its first note :func:`source_line`) or the mix of
+    ``cfg.sources`` (:func:`load_mix`), untokenized, with its held-out split."""
     if cfg.sources:
         return load_mix(cfg, task, seed, whole_for_eval, label_names)
-    return load_one(cfg, task, seed, whole_for_eval, label_names)
+    raw = load_one(cfg, task, seed, whole_for_eval, label_names)
+    if not whole_for_eval:  # lorakit eval --data says what it evaluated itself
+        raw.notes.insert(0, source_line(raw, cfg.source))
+    return raw

@@ -43,6 +43,7 @@ class RawData:
     notes: list[str] = field(default_factory=list)  # what the user should read (rows skipped), one line each
     parts: list[RawData] = field(default_factory=list)  # a mix (lorakit.data.mix): one per source; train/eval None
     name: str = ""  # the source, as the mix line and per-source results name it
+    read_as: str = ""  # how it was read, e.g. "sharegpt, auto-detected, read as chat" (lorakit.data.mix.source_line)
 
 
 @contextlib.contextmanager
@@ -361,5 +362,8 @@ def load_one(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False
             train, held = ds.select([]), ds
         else:
             train, held = split(ds, cfg, seed, stratify=fmt == "classification")
+    read_as = fmt + (", auto-detected" if cfg.format == "auto" else "") + (", read as chat" if fmt == "sharegpt" else "")
+    if label_names:
+        read_as += f", {len(label_names)} labels: {', '.join(label_names)}"
     return RawData(train=train, eval=held, format="chat" if fmt == "sharegpt" else fmt, label_names=label_names,
-                   notes=notes)
+                   notes=notes, read_as=read_as)
