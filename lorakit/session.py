@@ -132,7 +132,7 @@ def load_base(recipe: Recipe, label_names: list[str] | None = None, trust_remote
 
 def load_session(recipe: Recipe, weights: WeightSource = None, console: Console | None = None, *,
                  with_data: bool = True, eval_whole_data: bool = False, label_names: list[str] | None = None,
-                 trust_remote_code: bool | None = None) -> Session:
+                 trust_remote_code: bool | None = None, describe_data: bool = False) -> Session:
     """Load data (unless ``with_data`` is off), tokenizer and model, attach the recipe's method and load
     ``weights`` into it; the model ends on its device (a k-bit base stays where bitsandbytes put it).
 
@@ -141,12 +141,14 @@ def load_session(recipe: Recipe, weights: WeightSource = None, console: Console 
     data's labels must be among (a trained classifier evaluated on other data). ``trust_remote_code``: the
     caller's decision on running a model folder's own code; None takes the recipe's
     ``model.trust_remote_code``. A :class:`PeftFolder` updates ``recipe.method`` in place before any
-    model loads. Raises LorakitError (or RecipeError) with one line for every bad input."""
+    model loads. ``describe_data`` (training): a single source's first note says what was read
+    (:func:`lorakit.data.mix.source_line`). Raises LorakitError (or RecipeError) with one line for every
+    bad input."""
     task = recipe.model.task
     if isinstance(weights, PeftFolder):
         apply_adapter_config(recipe, weights.path)  # fails before any model loads
     raw = load_raw(recipe.data, task, recipe.train.seed, whole_for_eval=eval_whole_data,
-                   label_names=label_names) if with_data else None
+                   label_names=label_names, describe=describe_data) if with_data else None
     labels = raw.label_names if raw is not None else label_names
     torch.manual_seed(recipe.train.seed)
     model, tokenizer = load_base(recipe, labels, trust_remote_code)

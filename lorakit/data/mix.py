@@ -136,12 +136,13 @@ def load_mix(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False
 
 
 def load_raw(cfg: DataConfig, task: str, seed: int, whole_for_eval: bool = False,
-             label_names: list[str] | None = None) -> RawData:
-    """``cfg.source`` (:func:`lorakit.data.raw.load_one`; its first note :func:`source_line`) or the mix of
+             label_names: list[str] | None = None, describe: bool = False) -> RawData:
+    """``cfg.source`` (:func:`lorakit.data.raw.load_one`; with ``describe``, its first note is
+    :func:`source_line`) or the mix of
     ``cfg.sources`` (:func:`load_mix`), untokenized, with its held-out split."""
     if cfg.sources:
         return load_mix(cfg, task, seed, whole_for_eval, label_names)
     raw = load_one(cfg, task, seed, whole_for_eval, label_names)
-    if not whole_for_eval:  # lorakit eval --data says what it evaluated itself
+    if describe and not whole_for_eval:
         raw.notes.insert(0, source_line(raw, cfg.source))
     return raw

@@ -218,7 +218,8 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
             latest, start_step = starting_point(run_dir, recipe, resume, console, world)
     track.check_installed(recipe.train.report_to)  # a missing tracker fails before the model loads
     with world.main_first():  # rank 0 fills the shared caches (built-in models and data) first
-        session = load_session(recipe, Checkpoint(latest) if latest is not None else recipe_weights(recipe), console)
+        session = load_session(recipe, Checkpoint(latest) if latest is not None else recipe_weights(recipe), console,
+                               describe_data=True)
     world, note = distributed.resolve_mode(world, recipe.train.distributed, session.method)
     if note:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)

@@ -30,15 +30,16 @@ def mix(*sources, **data) -> DataConfig:
 
 
 def test_a_single_source_says_what_was_read(files, tmp_path):
-    raw = load_raw(cfg(files["share"]), "causal_lm", 0)  # format auto
+    raw = load_raw(cfg(files["share"]), "causal_lm", 0, describe=True)  # format auto
     assert raw.notes[0] == "data: share.jsonl (sharegpt, auto-detected, read as chat), 36 training examples, 4 held out"
-    raw = load_raw(cfg(files["alpaca"], format="instruction"), "causal_lm", 0)
+    raw = load_raw(cfg(files["alpaca"], format="instruction"), "causal_lm", 0, describe=True)
     assert raw.notes[0] == "data: alpaca.jsonl (instruction), 90 training examples, 10 held out"
     news = tmp_path / "news.csv"
     news.write_text("headline,topic\n" + "".join(f"story {i},{'ab'[i % 2]}\n" for i in range(20)))
-    raw = load_raw(cfg(str(news), text_field="headline", label_field="topic"), "seq_cls", 0)
+    raw = load_raw(cfg(str(news), text_field="headline", label_field="topic"), "seq_cls", 0, describe=True)
     assert raw.notes[0] == "data: news.csv (classification, auto-detected, 2 labels: a, b), 18 training examples, 2 held out"
-    assert load_raw(cfg(files["share"]), "causal_lm", 0, whole_for_eval=True).notes == []  # eval --data says it
+    assert load_raw(cfg(files["share"]), "causal_lm", 0, whole_for_eval=True, describe=True).notes == []
+    assert load_raw(cfg(files["share"]), "causal_lm", 0).notes == []  # eval, merge, export: not described
 
 
 def test_shares_follow_the_weights_and_add_up():
