@@ -13,13 +13,10 @@
 #   python scripts/bench_distributed.py --merge stage1.json stage3.json stage4.json --out docs/results/issue16.json
 # Packages the machine lacks come from .whl/site-base.tgz (bash scripts/gpu_prepare.sh here; carry .whl).
 set -uo pipefail
-export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/issue16}
 mkdir -p "$OUT"
 if [ "${1:-}" = 2 ]; then exec bash scripts/gpu_checks.sh; fi
-mkdir -p /tmp/site && tar xzf .whl/site-base.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+. scripts/gpu_site.sh
 B="python3 scripts/bench_distributed.py"
 case "${1:-}" in
 1) timeout -k 20 570 $B --shapes llama-3.2-1b --max-batch --budget 470 --out "$OUT/stage1.json" 2>&1 \

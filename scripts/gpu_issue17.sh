@@ -12,13 +12,10 @@
 # finished. Packages the machine lacks: .whl/site-base.tgz and .whl/site-unsloth.tgz from
 # `bash scripts/gpu_prepare.sh` here; carry .whl:  run(command="bash scripts/gpu_issue17.sh 1", carry=[".whl"])
 set -uo pipefail
-export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/issue17}
 mkdir -p "$OUT"
 if [ "${1:-}" = 3 ]; then exec bash scripts/gpu_checks.sh; fi
-mkdir -p /tmp/site && tar xzf .whl/site-base.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+. scripts/gpu_site.sh
 T0=$(date +%s)
 left() { echo $(( $1 - ($(date +%s) - T0) )); }
 B="python3 scripts/bench_gpu.py --steps 6 --no-levers --no-max-batch"
