@@ -6,7 +6,7 @@ Layout of ``<output_dir>/checkpoints/step-000100/`` (and ``<output_dir>/final/``
   - ``method.json``: the method's own state (``Method.state_dict``);
   - ``recipe.yaml``: the resolved recipe;
   - ``trainer_state.pt`` and ``trainer.json`` (training checkpoints only): optimizer, scheduler and RNG
-    state, loaded with ``torch.load(weights_only=True)``; the step reached.
+    state, loaded with ``torch.load(weights_only=True)``; the step reached (:mod:`.trainer_state`).
 
 A folder is written under a temporary name and renamed into place, so a crash mid-write leaves the
 previous checkpoint usable; ``latest`` names the newest one and is replaced atomically too.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from lorakit.errors import LorakitError
 from lorakit.faults import kill_point
 from lorakit.files import normal_modes
 from lorakit.methods import AdapterLayer
+from lorakit.storage import trainer_state
 
 ADAPTER_FILE = trust.ADAPTER_FILE
 
@@ -223,16 +223,7 @@ def save_checkpoint(
     (tmp / "method.json").write_text(json.dumps(method.state_dict(), indent=1))
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     if optimizer is not None:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        if rank_rng is not None:
-            rng["ranks"] = rank_rng
-        optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
-        state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng}
-        torch.save(state, tmp / "trainer_state.pt")
-        best_state = {} if best is None else {"best": best}
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "world_size": world_size, **best_state}))
+        trainer_state.write(tmp, optimizer, scheduler, step, world_size, best, rank_rng)
     normal_modes(tmp)  # safetensors writes 0600
     _fsync_dir(tmp)
     kill_point(f"save:{path.name}:written")
@@ -245,77 +236,6 @@ def save_checkpoint(
     kill_point(f"save:{path.name}:renamed")
     shutil.rmtree(old, ignore_errors=True)
     return path
-
-
-def load_trainer_state(path: Path, mmap: bool = False) -> dict:
-    """Optimizer / scheduler / RNG state of a training checkpoint (``weights_only=True``: no code runs;
-    ``mmap``: tensors mapped, not read, to check a checkpoint cheaply).
-
-    Raises:
-        LorakitError: ``trainer_state.pt`` is missing, damaged, or holds anything but tensors and plain data.
-    """
-    file = Path(path) / "trainer_state.pt"
-    try:
-        state = torch.load(file, weights_only=True, map_location="cpu", mmap=mmap)
-    except Exception as err:  # noqa: BLE001 - unpickling refused, truncated zip, missing file...
-        raise LorakitError(f"{file}: not a valid lorakit checkpoint file ({type(err).__name__}; "
-                           "lorakit loads only tensors and plain data from it)") from None
-    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
-        raise LorakitError(f"{file}: not a valid lorakit checkpoint file (no optimizer / scheduler / rng state)")
-    _check_rng(state["rng"], file)
-    return state
-
-
-def _check_rng(rng: object, file: Path) -> None:
-    """Refuse RNG states torch would reject with a traceback: ``torch`` a uint8 vector of this torch's
-    length, ``ranks`` (several processes) uint8 rows of the same lengths."""
-    n = torch.get_rng_state().numel()
-
-    def states(x: object, dims: int) -> bool:
-        return isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == dims and x.shape[-1] > 0
-
-    ranks = rng.get("ranks") if isinstance(rng, dict) else None
-    ok = (isinstance(rng, dict) and states(rng.get("torch"), 1) and rng["torch"].numel() == n
-          and "python" in rng
-          and (ranks is None or (isinstance(ranks, dict) and states(ranks.get("torch"), 2)
-                                 and ranks["torch"].shape[1] == n
-                                 and all(states(v, 2) for v in ranks.values()))))
-    if not ok:
-        raise LorakitError(f"{file}: not a valid lorakit checkpoint file (rng state)")
-
-
-def check_training_checkpoint(path: Path) -> int:
-    """Check, without loading a model, every file ``--resume`` reads from a training checkpoint (the
-    adapter's header, the trainer state, the step). Returns the step. Raises LorakitError naming the file."""
-    trust.adapter_metadata(Path(path) / ADAPTER_FILE)
-    load_trainer_state(path, mmap=True)
-    return read_trainer_step(path)
-
-
-def read_trainer_step(path: Path) -> int:
-    """The step a training checkpoint was written at (``trainer.json``). Raises LorakitError if invalid."""
-    data = trust.read_json(Path(path) / "trainer.json", "lorakit checkpoint file")
-    step = data.get("step") if isinstance(data, dict) else None
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise LorakitError(f"{Path(path) / 'trainer.json'}: not a valid lorakit checkpoint file (no step)")
-    return step
-
-
-def read_trainer_best(path: Path) -> dict | None:
-    """The best-evaluation tracker's state a training checkpoint stored (``trainer.json``), or None
-    (written before it was recorded). Checked by :meth:`lorakit.train.keep.BestTracker.load_state_dict`."""
-    data = trust.read_json(Path(path) / "trainer.json", "lorakit checkpoint file")
-    return data.get("best") if isinstance(data, dict) else None
-
-
-def read_trainer_world_size(path: Path) -> int:
-    """The number of processes that wrote a training checkpoint (``trainer.json``; 1 when not recorded).
-    Raises LorakitError if invalid."""
-    data = trust.read_json(Path(path) / "trainer.json", "lorakit checkpoint file")
-    size = data.get("world_size", 1) if isinstance(data, dict) else None
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise LorakitError(f"{Path(path) / 'trainer.json'}: not a valid lorakit checkpoint file (world_size)")
-    return size
 
 
 STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
@@ -359,13 +279,6 @@ def clean_stale(run_dir: Path) -> list[str]:
                 entry.unlink()
                 done.append(f"removed {entry}")
     return done
-
-
-def restore_rng(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def mark_latest(output_dir: Path, checkpoint: Path) -> None:

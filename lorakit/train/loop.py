@@ -31,7 +31,7 @@ from lorakit.faults import kill_point
 from lorakit.loss import batch_loss, count_loss_items
 from lorakit.output import progress_for
 from lorakit.precision import recipe_precision
-from lorakit.storage import checkpoint as ckpt
+from lorakit.storage import checkpoint as ckpt, trainer_state as tstate
 from lorakit.storage.peft import write_peft_folder
 from lorakit.train.interrupt import StopSignals, Stopped
 from lorakit.train import distributed as dist_, keep
@@ -323,12 +323,12 @@ class Trainer:
         for line in self.method.schedule_warnings(self.total_steps):
             self.console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True, highlight=False)
         if resume_from is not None:
-            state = ckpt.load_trainer_state(resume_from)
+            state = tstate.load(resume_from)
             dist_.load_optimizer_state(optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            ckpt.restore_rng(state["rng"])  # rank 0's, on every rank; the others' own streams just below
-            self.step = ckpt.read_trainer_step(resume_from)
-            self.best.load_state_dict(ckpt.read_trainer_best(resume_from), str(resume_from / "trainer.json"))
+            tstate.restore_rng(state["rng"])  # rank 0's, on every rank; the others' own streams just below
+            self.step = tstate.read_step(resume_from)
+            self.best.load_state_dict(tstate.read_best(resume_from), str(resume_from / "trainer.json"))
             self.console.print(f"Resuming from {escape(str(resume_from))} at step {self.step}")
         self.last_checkpoint, self.saved_step = resume_from, self.step
         saved = state["rng"].get("ranks") if resume_from is not None else None

@@ -18,7 +18,7 @@ from lorakit.evaluate import generate_samples
 from lorakit.output import quiet_third_party
 from lorakit.precision import recipe_precision
 from lorakit.session import Checkpoint, load_session, parameter_table, recipe_weights
-from lorakit.storage import checkpoint as ckpt, retention
+from lorakit.storage import checkpoint as ckpt, retention, trainer_state as tstate
 from lorakit.train.interrupt import StopSignals, Stopped
 from lorakit.train import distributed, keep
 from lorakit.train.loop import Trainer
@@ -150,10 +150,10 @@ def starting_point(run_dir: Path, recipe, resume: bool, console: Console,
         raise LorakitError(f"--resume: {run_dir} holds a finished run (final/) but no training checkpoint to "
                            "continue from; choose another output_dir to train again")
     saved_recipe, _ = ckpt.read_checkpoint_meta(latest)
-    check_world_size(saved_recipe, recipe_to_dict(recipe), ckpt.read_trainer_world_size(latest), world, latest)
+    check_world_size(saved_recipe, recipe_to_dict(recipe), tstate.read_world_size(latest), world, latest)
     check_resumable(saved_recipe, recipe_to_dict(recipe), latest)
-    step = ckpt.check_training_checkpoint(latest)  # a damaged file: named now, before the model loads
-    keep.BestTracker.from_recipe(recipe.train).load_state_dict(ckpt.read_trainer_best(latest),
+    step = tstate.check(latest)  # a damaged file: named now, before the model loads
+    keep.BestTracker.from_recipe(recipe.train).load_state_dict(tstate.read_best(latest),
                                                                str(latest / "trainer.json"))
     saved_dir = saved_recipe.get("output_dir")
     if saved_dir is not None and Path(str(saved_dir)).resolve() != run_dir.resolve():

@@ -136,6 +136,7 @@ RESUME = [
     ("state-missing", remove(f"{LAST}/trainer_state.pt"), "trainer_state.pt"),
     ("state-rng-float", lambda run: _edit_rng(run, torch=torch.zeros(5056)), "trainer_state.pt"),
     ("state-rng-short", lambda run: _edit_rng(run, torch=torch.zeros(7, dtype=torch.uint8)), "trainer_state.pt"),
+    ("state-rng-python", lambda run: _edit_rng(run, python=(3, (1, 2), None)), "trainer_state.pt"),
     ("state-ranks-ragged", lambda run: _edit_rng(run, ranks={"torch": torch.zeros(2, 3, dtype=torch.uint8)}),
      "trainer_state.pt"),
     ("trainer-json-broken", write(f"{LAST}/trainer.json", '{"step": '), "trainer.json"),
