@@ -11,18 +11,17 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from lorakit.config import recipe_to_dict
-from lorakit.data.batches import Blank, MicroBatches, iterate_batches, shared_batches
+from lorakit.data.batches import MicroBatches, iterate_batches, shared_batches
 from lorakit.device import synchronize
 from lorakit.evaluate import evaluate_model
 from lorakit.fast import accelerate, resolve_cross_entropy
@@ -33,75 +32,16 @@ from lorakit.output import progress_for
 from lorakit.precision import recipe_precision
 from lorakit.storage import checkpoint as ckpt, trainer_state as tstate
 from lorakit.storage.peft import write_peft_folder
+from lorakit.train.context import TrainContext
 from lorakit.train.interrupt import StopSignals, Stopped
 from lorakit.train import distributed as dist_, keep
 from lorakit.train.optim import build_optimizer, build_scheduler, optimizer_name
 from lorakit.train.stats import StepStats, skips_nonfinite_on_device
+from lorakit.train.steplog import StepLog, count_tokens
 from lorakit.world import World
 
 
-@dataclass
-class TrainContext:
-    """What the ``prepare`` hook may use: the model, data, devices, a loss function and the world.
-
-    ``batches`` yields this rank's share of each global batch of ``batch_size`` × world size rows (None
-    for an empty share); ``global_items`` is the loss-item count of the whole global batch (every rank
-    must call it, also for None), to pass to ``loss_fn(batch, items)``."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    data: Any
-    recipe: Any
-    device: torch.device
-    console: Console
-    run_dir: Path
-    loss_fn: Callable[..., torch.Tensor] = field(repr=False, default=None)
-    world: World = field(default_factory=World)
-
-    def batches(self, dataset, batch_size: int, seed: int = 0) -> Iterator[dict | None]:
-        if self.world.size == 1:
-            return iterate_batches(dataset, self.data.collate, batch_size, seed)
-        return shared_batches(dataset, self.data.collate, batch_size, self.world.rank, self.world.size,
-                              seed, blank=False)
-
-    def global_items(self, batch: dict | None) -> int:
-        items = 0 if batch is None else count_loss_items(batch, self.recipe.model.task)
-        return int(self.world.all_reduce_sum(torch.tensor(items)).item()) if self.world.size > 1 else items
-
-
-def count_tokens(batch: dict) -> int:
-    """Tokens of a batch, padding excluded where an attention mask marks it (a :class:`Blank`: none)."""
-    if isinstance(batch, Blank):
-        return 0
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-
-
 CUDA_GRAPH_PAD = 64  # train.compile cudagraphs: batch widths rounded up to a multiple of this
-
-
-class StepLog:
-    """metrics.jsonl records and the progress line for steps read back from the device (one step late,
-    see :mod:`lorakit.train.stats`); tokens/s over the steps since the last record, padding excluded."""
-
-    def __init__(self, trainer: "Trainer", progress: Progress, bar):
-        self.trainer, self.progress, self.bar = trainer, progress, bar
-        self.tokens, self.t0 = 0, None  # t0: start of the first step since the last record
-
-    def record(self, stats: StepStats) -> None:
-        """Read ``stats`` (raises LorakitError for a non-finite step) and log it every ``log_every`` steps."""
-        trainer, cfg = self.trainer, self.trainer.recipe.train
-        loss, grad_norm = stats.read()
-        self.tokens += stats.tokens
-        self.t0 = stats.started if self.t0 is None else self.t0
-        if stats.step % cfg.log_every == 0 or stats.step == trainer.total_steps:
-            elapsed = time.perf_counter() - self.t0
-            record = {"step": stats.step, "epoch": round(stats.step / trainer.steps_per_epoch, 4), "loss": loss,
-                      "lr": stats.lr, "grad_norm": grad_norm, "tokens_per_s": self.tokens / max(elapsed, 1e-9)}
-            trainer.log(record)
-            self.tokens, self.t0 = 0, None
-            self.progress.update(self.bar, info=f"loss {loss:.4f}  lr {stats.lr:.2e}  {record['tokens_per_s']:,.0f} tok/s")
-        self.progress.update(self.bar, completed=stats.step)
 
 
 class LossHead(nn.Module):
