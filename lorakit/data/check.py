@@ -121,8 +121,9 @@ def _chat_problem(messages) -> str | None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             return f"messages[{i}] has no role; expected {{role, content}} with role one of {', '.join(ROLES)}"
-        if message["role"] not in ROLES:
-            hint = " (ShareGPT roles: set data.format: sharegpt)" if message["role"] in sharegpt.ROLES else ""
+        role = message["role"]
+        if not isinstance(role, str) or role not in ROLES:  # a list or dict is no role (and unhashable)
+            hint = " (ShareGPT roles: set data.format: sharegpt)" if isinstance(role, str) and role in sharegpt.ROLES else ""
             return f"messages[{i}].role is {message['role']!r}; expected one of {', '.join(ROLES)}{hint}"
         if not isinstance(message.get("content"), str):
             return f"messages[{i}].content is {'missing' if message.get('content') is None else type(message['content']).__name__}; expected text"

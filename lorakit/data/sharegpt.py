@@ -57,7 +57,7 @@ def problem(turns, system=None) -> str | None:
         if not isinstance(turn, dict):
             return f"conversations[{i}] is a {type(turn).__name__}; expected {{from, value}}"
         role, text = _tags(turn)
-        if turn.get(role) not in ROLES:
+        if not isinstance(turn.get(role), str) or turn[role] not in ROLES:  # a list or dict: no role, unhashable
             return (f"conversations[{i}].{role} is {turn.get(role)!r}; expected one of {', '.join(ROLES)}"
                     if turn.get(role) is not None else f"conversations[{i}] has no from; expected {{from, value}}")
         if not isinstance(turn.get(text), str):

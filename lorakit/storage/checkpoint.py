@@ -301,7 +301,9 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         if (candidate / ADAPTER_FILE).is_file():
             trust.check_checkpoint_files(run, candidate)
             return candidate
-    steps = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / ADAPTER_FILE).is_file())
+    numbered = [(int(m[1]), p) for p in (run / "checkpoints").glob("step-*")
+                if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / ADAPTER_FILE).is_file()]
+    steps = [p for _, p in sorted(numbered)]  # by number: step-1000000 after step-999999
     if steps:
         trust.check_checkpoint_files(run, steps[-1])
     return steps[-1] if steps else None

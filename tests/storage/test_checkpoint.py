@@ -79,3 +79,10 @@ def test_rewriting_a_checkpoint_replaces_it_whole(tmp_path):
     ckpt.save_checkpoint(path, model, method, recipe_to_dict(recipe_from_dict({"method": CFG})))
     assert not (path / "stray.txt").exists() and not list(path.parent.glob(".*"))
     ckpt.load_adapter_weights(model, path / ckpt.ADAPTER_FILE)
+
+
+def test_without_a_pointer_the_highest_step_number_wins_past_six_digits(tmp_path):
+    for name in ("step-999999", "step-1000000", "step-notanumber"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / ckpt.ADAPTER_FILE).write_bytes(b"")
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-1000000"
