@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 
 from lorakit.errors import LorakitError
-from lorakit.storage.checkpoint import alive
+from lorakit.storage.checkpoint import ADAPTER_FILE, alive
+from lorakit.storage.runlock import LOCK_FILE
 from lorakit.faults import kill_point
 from lorakit.methods.lora_drop import SELECTION_FILE
 
@@ -79,17 +80,57 @@ def prune(run_dir: Path, limit: int | None, protect: list[Path] = ()) -> list[Pa
 
 
 # ---- --overwrite ------------------------------------------------------------------------------------
-RUN_ENTRIES = {"checkpoints", "final", "metrics.jsonl", "summary.json", "curves.png", "tensorboard", "wandb",
-               SELECTION_FILE}
+FILES = {"metrics.jsonl", "summary.json", "curves.png", SELECTION_FILE, LOCK_FILE}  # must be files
+TRACKERS = {"tensorboard", "wandb"}  # the trackers' own folders, taken as they are
 RUN_MARKS = {"checkpoints", "final", "metrics.jsonl", "summary.json"}
 STALE_ENTRY = re.compile(r"^\..+\.(tmp|old|del)-\d+$")
 
 
+def check_links(run_dir: Path) -> None:
+    """Refuse a run folder whose ``checkpoints/`` or ``final/`` is a link: lorakit writes, trims
+    (``train.save_total_limit``) and resumes checkpoints only inside the run folder.
+
+    Raises LorakitError naming the folder and the link."""
+    for name in ("checkpoints", "final"):
+        if (Path(run_dir) / name).is_symlink():
+            raise LorakitError(f"output_dir {run_dir}: {name}/ is a link; lorakit writes {name}/ only inside the "
+                               "run folder (set output_dir on the other disk instead)")
+
+
+def _has_adapter(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and (folder / ADAPTER_FILE).is_file()
+
+
+def foreign_entry(run_dir: Path) -> str | None:
+    """The first entry of ``run_dir`` (relative path) that a lorakit run does not write, judged by content:
+    ``checkpoints/`` holds only ``latest`` (a file), ``step-NNNNNN/`` folders with an adapter and leftovers
+    of interrupted writes; ``final/`` holds an adapter; ``metrics.jsonl`` and the like are files. None: all
+    are a run's."""
+    for entry in sorted(Path(run_dir).iterdir()):
+        name = entry.name
+        if STALE_ENTRY.match(name) or (name in TRACKERS and entry.is_dir() and not entry.is_symlink()):
+            continue
+        if name in FILES and entry.is_file() and not entry.is_symlink():
+            continue
+        if name == "final" and _has_adapter(entry):
+            continue
+        if name != "checkpoints" or not entry.is_dir() or entry.is_symlink():
+            return name
+        for inner in sorted(entry.iterdir()):
+            fits = (STALE_ENTRY.match(inner.name)
+                    or (inner.name == "latest" and inner.is_file() and not inner.is_symlink())
+                    or (STEP_FOLDER.match(inner.name) and _has_adapter(inner)))
+            if not fits:
+                return f"checkpoints/{inner.name}"
+    return None
+
+
 def check_overwritable(run_dir: Path) -> None:
     """Refuse to replace a folder that is not a lorakit run folder: it must hold only what a run writes
-    (``checkpoints/``, ``final/``, ``metrics.jsonl``, ``summary.json``, ``curves.png``, tracker folders,
-    LoRA-drop's selection, leftovers of interrupted writes) and at least one of ``checkpoints/``, ``final/``, ``metrics.jsonl``,
-    ``summary.json``; it must not be a link, nor this process's working folder or one above it.
+    (see :func:`foreign_entry`: ``checkpoints/``, ``final/``, ``metrics.jsonl``, ``summary.json``,
+    ``curves.png``, tracker folders, LoRA-drop's selection, ``.lock``, leftovers of interrupted writes) and
+    at least one of ``checkpoints/``, ``final/``, ``metrics.jsonl``, ``summary.json``; it must not be a
+    link, nor this process's working folder or one above it.
 
     Raises LorakitError naming the folder and what makes it not a run folder."""
     run_dir = Path(run_dir)
@@ -99,10 +140,9 @@ def check_overwritable(run_dir: Path) -> None:
     if resolved == cwd or resolved in cwd.parents:
         raise LorakitError(f"--overwrite: output_dir {run_dir} is the working folder or holds it; "
                            "choose another output_dir")
-    names = {entry.name for entry in run_dir.iterdir()}
-    foreign = sorted(n for n in names if n not in RUN_ENTRIES and not STALE_ENTRY.match(n))
-    if foreign or not names & RUN_MARKS:
-        what = f"it holds {foreign[0]!r}" if foreign else "it has no checkpoints/, final/, metrics.jsonl or summary.json"
+    foreign = foreign_entry(run_dir)
+    if foreign or not {entry.name for entry in run_dir.iterdir()} & RUN_MARKS:
+        what = f"it holds {foreign!r}" if foreign else "it has no checkpoints/, final/, metrics.jsonl or summary.json"
         raise LorakitError(f"--overwrite: output_dir {run_dir} does not look like a lorakit run folder ({what}); "
                            "nothing was changed: remove it yourself or choose another output_dir")
 
@@ -110,11 +150,11 @@ def check_overwritable(run_dir: Path) -> None:
 def move_aside(run_dir: Path) -> Path | None:
     """Rename a run folder to ``.NAME.overwritten-PID`` beside it (one atomic rename; checked with
     :func:`check_overwritable` first). Returns the new path; None when ``run_dir`` does not exist or is
-    empty (an empty folder is simply reused)."""
+    empty or holds only ``.lock`` (such a folder is simply reused)."""
     run_dir = Path(run_dir)
     if not run_dir.exists() and not run_dir.is_symlink():
         return None
-    if run_dir.is_dir() and not run_dir.is_symlink() and not any(run_dir.iterdir()):
+    if run_dir.is_dir() and not run_dir.is_symlink() and not {e.name for e in run_dir.iterdir()} - {LOCK_FILE}:
         return None
     check_overwritable(run_dir)
     aside = run_dir.with_name(f".{run_dir.name}.overwritten-{os.getpid()}")

@@ -19,6 +19,7 @@ from lorakit.output import quiet_third_party
 from lorakit.precision import recipe_precision
 from lorakit.session import Checkpoint, load_session, parameter_table, recipe_weights
 from lorakit.storage import checkpoint as ckpt, retention, trainer_state as tstate
+from lorakit.storage.runlock import RunLock, check_free
 from lorakit.train.interrupt import StopSignals, Stopped
 from lorakit.train import distributed, keep
 from lorakit.train.loop import Trainer
@@ -185,10 +186,15 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
     ``overwrite``: a run already in ``output_dir`` is replaced (checked to be a run folder before the model
     loads; moved aside just before the new run writes, and removed once it has written its first file).
 
+    Rank 0 holds ``output_dir``'s lock (:mod:`lorakit.storage.runlock`) from just before it first writes
+    there until this returns or raises; a folder whose lock another process holds is refused before the
+    model loads (or, in a race, before anything is written).
+
     Raises:
         RecipeError: the recipe is invalid (before any model loads).
         LorakitError: see :func:`starting_point`; with ``overwrite``, ``output_dir`` is not a run folder
-            (:func:`lorakit.storage.retention.check_overwritable`).
+            (:func:`lorakit.storage.retention.check_overwritable`); ``output_dir`` is in use by another
+            process; its ``checkpoints/`` or ``final/`` is a link.
         Interrupted: a stop signal arrived; the message names the checkpoint and the resume command.
     """
     world = world or World()
@@ -197,18 +203,21 @@ def run_training(recipe_path: Path, overrides: list[str], resume: bool, console:
         quiet_third_party(verbose=False)  # rank 0 alone shows them (under --verbose)
     recipe = load_recipe(recipe_path, overrides)
     ckpt.check_output_folder(Path(recipe.output_dir), "output_dir")
+    retention.check_links(Path(recipe.output_dir))
     for note in recipe.method.set_aside_notes():  # a generic field this method cannot honour
         console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    with StopSignals() as stop:
+    with StopSignals() as stop, RunLock() as lock:
         try:
-            return _train(recipe, resume, console, verbose, stop, world, overwrite)
+            return _train(recipe, resume, console, verbose, stop, world, lock, overwrite)
         except Stopped as err:
             raise Interrupted(stop_message(err, recipe_path, overrides), err.exit_code) from None
 
 
 def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSignals, world: World,
-           overwrite: bool = False) -> dict:
+           lock: RunLock, overwrite: bool = False) -> dict:
     run_dir = Path(recipe.output_dir)
+    if world.is_main:  # a live run's folder is neither replaced, resumed nor trained in again
+        check_free(run_dir)
     if overwrite:  # the old run stays in place until the new one is about to write
         if run_dir.is_dir() and any(run_dir.iterdir()):
             retention.check_overwritable(run_dir)
@@ -228,7 +237,11 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
     trainer = Trainer(session.model, session.tokenizer, session.method, session.data, recipe,
                       session.device, console, world=world)
     with world.main_first():
+        if world.is_main:  # held until this run ends; taken again on the new folder once the old is aside
+            lock.take(run_dir)
         aside = retention.move_aside(run_dir) if overwrite and world.is_main else None
+        if aside is not None:
+            lock.take(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     if aside is not None:
         console.print(f"--overwrite: the old run in {run_dir} was moved to {aside}; it is removed once this run "

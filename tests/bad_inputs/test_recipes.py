@@ -3,11 +3,14 @@ that cannot be written), before any data, tokenizer or model loads, and with not
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
 from tests.bad_inputs.corpus import check_fails, no_loading  # noqa: F401 (fixture)
 from tests.tiny_run import tiny_recipe, tiny_world  # noqa: F401 (fixture)
+from tests.storage.test_runlock import held_by_another_process
 
 
 def edit(section: str, **values):
@@ -184,3 +187,30 @@ def test_overwrite_of_a_folder_that_is_no_run(tmp_path, tiny_world, no_loading):
     (tmp_path / "mine" / "metrics.jsonl").write_text("{}\n")
     check_fails(["train", path, f"output_dir={tmp_path / 'mine'}", "--overwrite"], 1,
                 ("--overwrite", "does not look like a lorakit run folder", "notes.txt"), [tmp_path])
+
+
+@pytest.mark.parametrize("flag", [[], ["--resume"], ["--overwrite"]])
+def test_a_run_folder_in_use_by_another_process(tmp_path, tiny_world, no_loading, flag):
+    path = _write(tmp_path, tiny_world, lambda r: r)
+    run = tmp_path / "live"
+    with held_by_another_process(run) as pid:
+        (run / "metrics.jsonl").write_text('{"step": 0}\n')
+        check_fails(["train", path, f"output_dir={run}", *flag], 1,
+                    (f"output_dir {run} is in use by another lorakit process (PID {pid})",), [tmp_path])
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "final"])
+def test_a_linked_checkpoints_folder(tmp_path, tiny_world, no_loading, name):
+    path = _write(tmp_path, tiny_world, lambda r: r)
+    (tmp_path / "bigdisk").mkdir()
+    (tmp_path / "lnk").mkdir()
+    os.symlink(tmp_path / "bigdisk", tmp_path / "lnk" / name)
+    check_fails(["train", path, f"output_dir={tmp_path / 'lnk'}"], 1, (f"{name}/ is a link", "other disk"), [tmp_path])
+
+
+def test_overwrite_of_a_folder_of_lightning_checkpoints(tmp_path, tiny_world, no_loading):
+    path = _write(tmp_path, tiny_world, lambda r: r)
+    (tmp_path / "foreign" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "foreign" / "checkpoints" / "epoch=9.ckpt").write_text("weights")
+    check_fails(["train", path, f"output_dir={tmp_path / 'foreign'}", "--overwrite"], 1,
+                ("does not look like a lorakit run folder", "checkpoints/epoch=9.ckpt"), [tmp_path])

@@ -91,7 +91,7 @@ def test_a_run_folder_is_moved_aside_and_an_empty_one_reused(tmp_path):
     assert retention.move_aside(tmp_path / "absent") is None
 
 
-@pytest.mark.parametrize("case", ["foreign-file", "no-run-files", "a-link", "working-folder"])
+@pytest.mark.parametrize("case", ["foreign-file", "no-run-files", "hidden-foreign-file", "a-link", "working-folder"])
 def test_a_folder_that_is_no_run_is_refused(tmp_path, monkeypatch, case):
     run = make_run(tmp_path, [2])
     if case == "foreign-file":
@@ -99,9 +99,14 @@ def test_a_folder_that_is_no_run_is_refused(tmp_path, monkeypatch, case):
         expect = "holds 'thesis.tex'"
     elif case == "no-run-files":
         run = tmp_path / "home"
-        (run / ".bashrc").parent.mkdir()
+        run.mkdir()
         (run / "curves.png").write_text("")
         expect = "has no checkpoints/"
+    elif case == "hidden-foreign-file":
+        run.mkdir(exist_ok=True)
+        (run / ".bashrc").write_text("alias ll=ls")
+        (run / "summary.json").write_text("{}")
+        expect = "holds '.bashrc'"
     elif case == "a-link":
         os.symlink(run, tmp_path / "link")
         run, expect = tmp_path / "link", "is a link"
@@ -125,3 +130,57 @@ def test_leftovers_of_a_killed_overwrite_are_removed_only_when_they_are_runs(tmp
     assert [p.name for p in removed] == [".run.overwritten-999999999"]
     assert {p.name for p in tmp_path.iterdir()} == {".other.overwritten-999999999", ".run.overwritten-999999998",
                                                      f".run.overwritten-{os.getppid()}"}
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda run: (run / "checkpoints" / "epoch=9.ckpt").write_text("weights"), "checkpoints/epoch=9.ckpt"),  # Lightning's
+    (lambda run: (run / "checkpoints" / "step-000004").mkdir(), "checkpoints/step-000004"),  # no adapter in it
+    (lambda run: (run / "checkpoints" / "step-000004").write_text("a file"), "checkpoints/step-000004"),
+    (lambda run: (run / "final").mkdir(), "'final'"),
+    (lambda run: (run / "metrics.jsonl").mkdir(), "'metrics.jsonl'"),
+    (lambda run: (run / "summary.json").mkdir(), "'summary.json'"),
+    (lambda run: (run / "curves.png").mkdir(), "'curves.png'"),
+])
+def test_entries_with_a_run_name_but_other_content_are_refused(tmp_path, make, expect):
+    run = make_run(tmp_path, [2])
+    make(run)
+    with pytest.raises(LorakitError, match=f"does not look like a lorakit run folder .it holds .*{expect}"):
+        retention.move_aside(run)
+    assert run.is_dir() and (run / "checkpoints" / "step-000002" / "adapter.safetensors").is_file()
+
+
+def test_a_folder_of_only_lightning_checkpoints_is_refused(tmp_path):
+    run = tmp_path / "foreign"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "epoch=9.ckpt").write_text("weights")
+    with pytest.raises(LorakitError, match="holds 'checkpoints/epoch=9.ckpt'"):
+        retention.move_aside(run)
+    assert (run / "checkpoints" / "epoch=9.ckpt").read_text() == "weights"
+
+
+def test_what_a_run_writes_passes_the_content_check(tmp_path):
+    run = make_run(tmp_path, [2, 4])
+    (run / "final").mkdir()
+    (run / "final" / "adapter.safetensors").write_bytes(b"x")
+    for name in ("metrics.jsonl", "summary.json", "curves.png", ".lock", ".summary.json.tmp-12"):
+        (run / name).write_text("")
+    (run / "tensorboard" / "events").mkdir(parents=True)
+    (run / "checkpoints" / ".step-000006.tmp-123").mkdir()
+    assert retention.foreign_entry(run) is None
+    retention.check_overwritable(run)
+    only_lock = tmp_path / "fresh"
+    only_lock.mkdir()
+    (only_lock / ".lock").write_text("1\n")  # a run killed before its first file: reused as it is
+    assert retention.move_aside(only_lock) is None and (only_lock / ".lock").is_file()
+
+
+def test_a_linked_checkpoints_or_final_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    retention.check_links(run)
+    (tmp_path / "bigdisk").mkdir()
+    for name in ("checkpoints", "final"):
+        os.symlink(tmp_path / "bigdisk", run / name)
+        with pytest.raises(LorakitError, match=f"{name}/ is a link"):
+            retention.check_links(run)
+        (run / name).unlink()

@@ -71,6 +71,30 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, tiny_w
     assert again.exit_code == 1 and "already holds a run" in again.stderr
 
 
+def test_a_training_run_holds_its_folder_until_it_ends(tmp_path, tiny_world, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    import lorakit.train.run as run_module
+    from lorakit.storage.runlock import check_free
+    from tests.helpers_cli import invoke
+    from tests.tiny_run import tiny_recipe, write_recipe
+
+    run, seen = tmp_path / "run", []
+    probe = "import sys; from lorakit.storage.runlock import check_free; check_free(sys.argv[1])"
+
+    def from_another_process(run_dir, console):  # at each checkpoint (plot.redraw's place)
+        seen.append(subprocess.run([sys.executable, "-c", probe, str(run_dir)], capture_output=True, text=True))
+
+    monkeypatch.setattr(run_module.plot, "redraw", from_another_process)
+    recipe = write_recipe(tmp_path / "a.yaml", tiny_recipe(tiny_world, run, train={"max_steps": 2, "save_every": 1}))
+    assert invoke("train", recipe).exit_code == 0
+    assert len(seen) >= 2 and all(r.returncode == 1 for r in seen), seen
+    assert f"is in use by another lorakit process (PID {os.getpid()})" in seen[0].stderr
+    check_free(run)  # released when the run ended
+
+
 def test_overwrite_replaces_a_run(tmp_path, tiny_world):
     from tests.helpers_cli import invoke
     from tests.tiny_run import tiny_recipe, write_recipe
