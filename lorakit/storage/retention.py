@@ -162,6 +162,18 @@ def move_aside(run_dir: Path) -> Path | None:
     return aside
 
 
+def put_back(aside: Path, run_dir: Path) -> bool:
+    """Undo :func:`move_aside` while the new run has written nothing in ``run_dir`` (at most its
+    ``.lock``): ``run_dir`` is removed and ``aside`` renamed back. Returns whether it was put back."""
+    run_dir = Path(run_dir)
+    if not Path(aside).is_dir() or {entry.name for entry in run_dir.iterdir()} - {LOCK_FILE}:
+        return False
+    (run_dir / LOCK_FILE).unlink(missing_ok=True)
+    run_dir.rmdir()
+    os.replace(aside, run_dir)
+    return True
+
+
 def clean_overwritten(run_dir: Path) -> list[Path]:
     """Remove the ``.NAME.overwritten-PID`` folders beside ``run_dir`` that an ``--overwrite`` killed before
     its cleanup left (its process gone; still a run folder by :func:`check_overwritable`; anything else is

@@ -251,7 +251,13 @@ def _train(recipe, resume: bool, console: Console, verbose: bool, stop: StopSign
         before = trust.read_json(run_dir / "summary.json", "summary.json")
         before = before.get("before") if isinstance(before, dict) else None
     if latest is None:
-        before = trainer.evaluate()
+        try:
+            before = trainer.evaluate()
+        except BaseException:  # stopped before its first file: the old run goes back in place
+            if aside is not None and retention.put_back(aside, run_dir):
+                console.print(f"--overwrite: this run stopped before writing anything; the old run is back in "
+                              f"{run_dir}", markup=False, highlight=False, soft_wrap=True)
+            raise
         if world.is_main:
             ckpt.write_atomic_text(run_dir / "summary.json", json.dumps({"before": before}, indent=1))
         console.print(f"before training: {_summary_line(before)}")

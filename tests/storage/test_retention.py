@@ -184,3 +184,16 @@ def test_a_linked_checkpoints_or_final_is_refused(tmp_path):
         with pytest.raises(LorakitError, match=f"{name}/ is a link"):
             retention.check_links(run)
         (run / name).unlink()
+
+
+def test_an_aside_goes_back_only_while_the_new_folder_holds_nothing_but_its_lock(tmp_path):
+    run = make_run(tmp_path, [2])
+    aside = retention.move_aside(run)
+    run.mkdir()
+    (run / ".lock").write_text("1\n")
+    assert retention.put_back(aside, run) and not aside.exists()
+    assert names(run) == ["latest", "step-000002"] and not (run / ".lock").exists()
+    aside = retention.move_aside(run)
+    run.mkdir()
+    (run / "summary.json").write_text("{}")  # the new run has written: the old one stays aside
+    assert not retention.put_back(aside, run) and aside.is_dir() and (run / "summary.json").is_file()

@@ -95,6 +95,28 @@ def test_a_training_run_holds_its_folder_until_it_ends(tmp_path, tiny_world, mon
     check_free(run)  # released when the run ended
 
 
+def test_an_overwrite_stopped_before_its_first_file_puts_the_old_run_back(tmp_path, tiny_world, monkeypatch):
+    import lorakit.train.run as run_module
+    from lorakit.errors import LorakitError
+    from tests.helpers_cli import invoke, tree_hash
+    from tests.tiny_run import tiny_recipe, write_recipe
+
+    run = tmp_path / "run"
+    first = write_recipe(tmp_path / "a.yaml", tiny_recipe(tiny_world, run, train={"max_steps": 2}))
+    assert invoke("train", first).exit_code == 0
+    before = tree_hash(run)
+
+    def fail(self, *args, **kwargs):  # the evaluation before training fails (or is stopped)
+        raise LorakitError("evaluation failed")
+
+    monkeypatch.setattr(run_module.Trainer, "evaluate", fail)
+    second = write_recipe(tmp_path / "b.yaml", tiny_recipe(tiny_world, run, train={"max_steps": 3}))
+    result = invoke("train", second, "--overwrite")
+    assert result.exit_code == 1 and "the old run is back in" in result.stderr, result.output
+    assert tree_hash(run) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing hidden beside it
+
+
 def test_overwrite_replaces_a_run(tmp_path, tiny_world):
     from tests.helpers_cli import invoke
     from tests.tiny_run import tiny_recipe, write_recipe
