@@ -10,7 +10,6 @@ final held-out metrics.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ from rich.table import Table
 from lorakit import trust
 from lorakit.config import load_recipe, recipe_to_dict
 from lorakit.errors import LorakitError, RecipeError
-from lorakit.methods import REGISTRY
+from lorakit.methods import REGISTRY, get_method_class
 from lorakit.storage import checkpoint as ckpt
 from lorakit.train.run import run_training
 
@@ -47,10 +46,10 @@ def parse_methods(text: str | None) -> list[str] | None:
         return list(REGISTRY)
     names = [n.strip() for n in text.split(",")]
     for name in names:
-        if name not in REGISTRY:
-            close = difflib.get_close_matches(name, list(REGISTRY), n=1, cutoff=0.5)
-            hint = f" (did you mean `{close[0]}`?)" if close else ""
-            raise RecipeError(f"--methods: {name!r} is not a method{hint}; allowed: all, {', '.join(REGISTRY)}")
+        try:
+            get_method_class(name)
+        except RecipeError as err:  # "method.name = 'x' is not a method (did you mean ...); allowed: ..."
+            raise RecipeError(f"--methods: {str(err).removeprefix('method.name = ')}") from None
         if names.count(name) > 1:
             raise RecipeError(f"--methods: {name} is named twice")
     return names
